@@ -1,0 +1,273 @@
+"""Which backend runs each op, and how a user forces one.
+
+Four backends implement every op:
+
+* ``reference`` -- pure PyTorch (``sara_kernels/reference.py``); runs on any device, the test oracle.
+* ``cpu``       -- C++/OpenMP kernels in the compiled extension (``csrc/cpu``), CPU tensors.
+* ``cuda``      -- CUDA C++ kernels in the compiled extension (``csrc/cuda``), CUDA tensors.
+* ``triton``    -- Triton kernels (``sara_kernels/triton``), CUDA tensors; also CPU tensors when
+  ``TRITON_INTERPRET=1`` (the Triton interpreter, used by the tests).
+
+Without a forced backend each call takes the first available of ``cpu`` then ``reference`` on CPU
+tensors, and ``cuda``, ``triton``, ``reference`` on CUDA tensors. ``SARA_KERNELS_BACKEND=<name>``
+in the environment or the :func:`use_backend` context manager forces one; forcing a backend that
+cannot run the call is an error that says why (never a silent fallback).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import threading
+import warnings
+from collections.abc import Iterator
+
+import torch
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+ENV_BACKEND = "SARA_KERNELS_BACKEND"
+
+#: Ops and which backends implement each (selection on Triton uses torch ops on any device).
+OPS = (
+    "select_small_magnitude",
+    "sampled_weight_grad_linear",
+    "sampled_weight_grad_conv2d",
+    "sparse_adamw_",
+    "scatter_merge_",
+    "restore_",
+)
+
+_local = threading.local()
+
+# ---------------------------------------------------------------------------------------------
+# Compiled extension
+# ---------------------------------------------------------------------------------------------
+_native_error: str | None = None
+_native_loaded = False
+_native_cuda = False
+try:  # The compiled extension registers ops in the ``sara_kernels_C`` namespace on import.
+    importlib.import_module("sara_kernels._C")
+
+    _native_loaded = True
+    _native_cuda = torch._C._dispatch_has_kernel_for_dispatch_key(
+        "sara_kernels_C::sampled_weight_grad_linear", "CUDA"
+    )
+except ImportError as error:  # pragma: no cover - exercised when the extension is not built
+    _native_error = (
+        f"the compiled extension sara_kernels._C could not be imported ({error}); the 'cpu' and "
+        "'cuda' backends are unavailable and ops run on 'reference' (and 'triton' on CUDA). "
+        "Build it with `pip install --no-build-isolation .` in an environment that has torch."
+    )
+    warnings.warn(_native_error, RuntimeWarning, stacklevel=2)
+
+
+def native_available(device_type: str) -> bool:
+    """Whether the compiled extension has kernels for ``device_type`` ('cpu' or 'cuda')."""
+    if device_type == "cpu":
+        return _native_loaded
+    if device_type == "cuda":
+        return _native_loaded and _native_cuda
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton
+# ---------------------------------------------------------------------------------------------
+_triton_module = None
+_triton_error: str | None = None
+
+
+def _load_triton():
+    global _triton_module, _triton_error
+    if _triton_module is None and _triton_error is None:
+        try:
+            _triton_module = importlib.import_module("sara_kernels.triton")
+        except Exception as error:  # ImportError, or a triton that fails to initialise
+            _triton_error = f"{type(error).__name__}: {error}"
+    return _triton_module
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_available(device_type: str) -> bool:
+    """Triton runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``."""
+    if device_type == "cuda":
+        ok = torch.cuda.is_available() or triton_interpret()
+    elif device_type == "cpu":
+        ok = triton_interpret()
+    else:
+        ok = False
+    return ok and _load_triton() is not None
+
+
+def _available(backend: str, device_type: str) -> bool:
+    if backend == "reference":
+        return True
+    if backend in ("cpu", "cuda"):
+        return backend == device_type and native_available(device_type)
+    if backend == "triton":
+        return triton_available(device_type)
+    return False
+
+
+def _why_unavailable(backend: str, device_type: str) -> str:
+    if backend in ("cpu", "cuda"):
+        if backend != device_type:
+            return f"the '{backend}' backend runs only on {backend} tensors"
+        if not _native_loaded:
+            return _native_error or "the compiled extension is not loaded"
+        return "the compiled extension was built without CUDA kernels"
+    if backend == "triton":
+        if device_type == "cpu" and not triton_interpret():
+            return "Triton runs on CPU tensors only under TRITON_INTERPRET=1"
+        if device_type not in ("cpu", "cuda"):
+            return f"Triton has no kernels for device type '{device_type}'"
+        _load_triton()
+        return f"triton could not be imported ({_triton_error})"
+    return "unknown reason"
+
+
+# ---------------------------------------------------------------------------------------------
+# Forcing
+# ---------------------------------------------------------------------------------------------
+def _check_name(name: str, where: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{where}: unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+def forced_backend() -> str | None:
+    """The backend forced by :func:`use_backend` (innermost) or ``SARA_KERNELS_BACKEND``, if any."""
+    stack = getattr(_local, "stack", None)
+    if stack:
+        return stack[-1]
+    env = os.environ.get(ENV_BACKEND, "").strip().lower()
+    if env in ("", "auto"):
+        return None
+    return _check_name(env, f"environment variable {ENV_BACKEND}")
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Force every op called inside the block onto one backend.
+
+    Args:
+        name: ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``, or ``None``/``"auto"`` for the
+            automatic choice (this also overrides ``SARA_KERNELS_BACKEND``).
+
+    Example::
+
+        with sara_kernels.use_backend("reference"):
+            grad = sara_kernels.ops.sampled_weight_grad_linear(dy, x, index, 64, 32)
+    """
+    if name is not None and name != "auto":
+        _check_name(name, "use_backend")
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    stack.append("auto" if name is None else name)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def _auto_order(device_type: str) -> tuple[str, ...]:
+    if device_type == "cpu":
+        return ("cpu", "reference")
+    if device_type == "cuda":
+        return ("cuda", "triton", "reference")
+    return ("reference",)
+
+
+def select_backend(op: str, device: torch.device) -> str:
+    """The backend that ``op`` will run on for tensors on ``device`` (raises if a forced one can't)."""
+    device_type = torch.device(device).type
+    forced = forced_backend()
+    if forced is not None and forced != "auto":
+        if not _available(forced, device_type):
+            raise RuntimeError(
+                f"sara_kernels.{op}: backend '{forced}' was forced but cannot run on {device_type} "
+                f"tensors: {_why_unavailable(forced, device_type)}"
+            )
+        return forced
+    for backend in _auto_order(device_type):
+        if _available(backend, device_type):
+            return backend
+    return "reference"  # pragma: no cover - reference is always available
+
+
+def backends() -> dict:
+    """What is built and importable, and which backend each op will use on each device.
+
+    Returns:
+        A dict with ``available`` (backend -> bool or reason), ``native`` (extension status),
+        ``triton`` (import status), ``forced`` (the forced backend or None) and ``ops``
+        (device -> op -> backend). Devices listed: ``cpu`` and, when CUDA is available, ``cuda``.
+    """
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    triton_cuda = triton_available("cuda") if torch.cuda.is_available() else False
+    info = {
+        "torch": torch.__version__,
+        "native": {
+            "loaded": _native_loaded,
+            "cuda_kernels": _native_cuda,
+            "error": _native_error,
+        },
+        "triton": {
+            "importable": _load_triton() is not None,
+            "interpret": triton_interpret(),
+            "error": _triton_error,
+        },
+        "available": {
+            "reference": True,
+            "cpu": native_available("cpu"),
+            "cuda": native_available("cuda") and torch.cuda.is_available(),
+            "triton": triton_cuda or triton_available("cpu"),
+        },
+        "forced": forced_backend(),
+        "ops": {},
+    }
+    for device in devices:
+        try:
+            info["ops"][device] = {op: select_backend(op, torch.device(device)) for op in OPS}
+        except RuntimeError as error:
+            info["ops"][device] = {"error": str(error)}
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampled-gradient variant (native backends): which algorithm computes the selected entries
+# ---------------------------------------------------------------------------------------------
+#: 0 = auto (by density and shape), 1 = direct (one dot product per selected entry, no dense
+#: workspace), 2 = gemm (dense GEMM over bounded chunks of rows, then gather).
+GRAD_VARIANTS = {"auto": 0, "direct": 1, "gemm": 2}
+ENV_GRAD_VARIANT = "SARA_KERNELS_GRAD_VARIANT"
+
+
+def sampled_grad_variant() -> int:
+    forced = getattr(_local, "variant", None)
+    if forced is not None:
+        return forced
+    name = os.environ.get(ENV_GRAD_VARIANT, "auto").strip().lower() or "auto"
+    if name not in GRAD_VARIANTS:
+        raise ValueError(
+            f"environment variable {ENV_GRAD_VARIANT}={name!r}; expected one of {', '.join(GRAD_VARIANTS)}"
+        )
+    return GRAD_VARIANTS[name]
+
+
+@contextlib.contextmanager
+def use_grad_variant(name: str) -> Iterator[None]:
+    """Force the native sampled-gradient algorithm ('auto', 'direct' or 'gemm'); for benchmarks."""
+    if name not in GRAD_VARIANTS:
+        raise ValueError(f"use_grad_variant: unknown variant {name!r}; expected one of {', '.join(GRAD_VARIANTS)}")
+    previous = getattr(_local, "variant", None)
+    _local.variant = GRAD_VARIANTS[name]
+    try:
+        yield
+    finally:
+        _local.variant = previous

@@ -1,0 +1,175 @@
+"""Input checks shared by every backend: each error names the op and the argument.
+
+The cheap checks (dtype, device, rank, shape) always run. The data-dependent index checks
+(range, strictly increasing order) cost one pass over ``index`` and, on CUDA, one device-to-host
+sync; :func:`set_index_checks` turns them off for callers that validated their index once (the
+modules do). The native kernels still never write out of bounds: they check ranges themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+
+import torch
+
+INDEX_DTYPES = (torch.int32, torch.int64)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+_index_checks = os.environ.get("SARA_KERNELS_CHECK_INDEX", "1") not in ("0", "false", "off")
+
+
+def index_checks_enabled() -> bool:
+    return _index_checks
+
+
+def set_index_checks(enabled: bool) -> bool:
+    """Enable or disable the data-dependent index checks; returns the previous setting."""
+    global _index_checks
+    previous, _index_checks = _index_checks, bool(enabled)
+    return previous
+
+
+@contextlib.contextmanager
+def index_checks(enabled: bool) -> Iterator[None]:
+    previous = set_index_checks(enabled)
+    try:
+        yield
+    finally:
+        set_index_checks(previous)
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    return isinstance(t, torch._subclasses.fake_tensor.FakeTensor) or t.device.type == "meta"
+
+
+def check_tensor(op: str, name: str, t: object, *, dtypes=None, dim: int | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"sara_kernels.{op}: {name} must be a Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"sara_kernels.{op}: {name} has dtype {t.dtype}; expected one of {names}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"sara_kernels.{op}: {name} must be {dim}-D, got shape {tuple(t.shape)}")
+
+
+def check_same_device(op: str, **tensors: torch.Tensor | None) -> None:
+    items = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise RuntimeError(
+                f"sara_kernels.{op}: {name} is on {t.device} but {first_name} is on {first.device}; "
+                "all tensors must be on one device"
+            )
+
+
+def check_index(op: str, index: torch.Tensor, numel: int, *, name: str = "index") -> None:
+    """index: int32/int64 [k], strictly increasing, every entry in [0, numel)."""
+    check_tensor(op, name, index, dtypes=INDEX_DTYPES, dim=1)
+    if index.dtype == torch.int32 and numel > 2**31 - 1:
+        raise TypeError(
+            f"sara_kernels.{op}: {name} is int32 but the weight has {numel} entries (>= 2**31); "
+            "use int64 indices"
+        )
+    if not _index_checks or index.numel() == 0 or _is_fake(index):
+        return
+    if torch.compiler.is_compiling():
+        return
+    lo, hi = torch.aminmax(index)
+    ordered = bool((index[1:] > index[:-1]).all()) if index.numel() > 1 else True
+    lo, hi = int(lo), int(hi)
+    if lo < 0 or hi >= numel:
+        raise IndexError(
+            f"sara_kernels.{op}: {name} holds values in [{lo}, {hi}] but must lie in [0, {numel}) "
+            f"(the weight has {numel} entries)"
+        )
+    if not ordered:
+        raise ValueError(
+            f"sara_kernels.{op}: {name} must be sorted in strictly increasing order (no duplicates); "
+            "sort it with torch.unique(index) or build it with select_small_magnitude"
+        )
+
+
+def check_contiguous_weight(op: str, weight: torch.Tensor, name: str = "weight") -> None:
+    if not weight.is_contiguous():
+        raise ValueError(
+            f"sara_kernels.{op}: {name} must be contiguous (indices address {name}.view(-1)); "
+            f"got strides {weight.stride()} for shape {tuple(weight.shape)}"
+        )
+
+
+def pair(op: str, name: str, value: int | Sequence[int]) -> list[int]:
+    if isinstance(value, int):
+        return [value, value]
+    value = list(value)
+    if len(value) == 1:
+        value = value * 2
+    if len(value) != 2 or not all(isinstance(v, int) for v in value):
+        raise ValueError(f"sara_kernels.{op}: {name} must be an int or a pair of ints, got {value}")
+    return value
+
+
+def conv2d_output_size(
+    op: str,
+    x_shape: Sequence[int],
+    weight_shape: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+) -> tuple[int, int]:
+    if any(s <= 0 for s in stride):
+        raise ValueError(f"sara_kernels.{op}: stride must be positive, got {list(stride)}")
+    if any(p < 0 for p in padding):
+        raise ValueError(f"sara_kernels.{op}: padding must be non-negative, got {list(padding)}")
+    if any(d <= 0 for d in dilation):
+        raise ValueError(f"sara_kernels.{op}: dilation must be positive, got {list(dilation)}")
+    out = []
+    for i in range(2):
+        size = x_shape[2 + i] + 2 * padding[i] - dilation[i] * (weight_shape[2 + i] - 1) - 1
+        if size < 0:
+            raise ValueError(
+                f"sara_kernels.{op}: the kernel {tuple(weight_shape[2:])} (dilation {list(dilation)}) "
+                f"is larger than the padded input {tuple(x_shape[2:])} (padding {list(padding)})"
+            )
+        out.append(size // stride[i] + 1)
+    return out[0], out[1]
+
+
+def check_conv2d(
+    op: str,
+    x: torch.Tensor,
+    weight_shape: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    grad_out: torch.Tensor | None = None,
+) -> None:
+    if len(weight_shape) != 4 or any(int(s) <= 0 for s in weight_shape):
+        raise ValueError(
+            f"sara_kernels.{op}: weight_shape must be 4 positive ints [out, in/groups, kh, kw], "
+            f"got {list(weight_shape)}"
+        )
+    if x.dim() != 4:
+        raise ValueError(f"sara_kernels.{op}: x must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
+    if groups <= 0 or weight_shape[0] % groups != 0:
+        raise ValueError(
+            f"sara_kernels.{op}: groups={groups} must be positive and divide the {weight_shape[0]} "
+            "output channels"
+        )
+    if x.shape[1] != weight_shape[1] * groups:
+        raise ValueError(
+            f"sara_kernels.{op}: x has {x.shape[1]} channels but weight_shape {list(weight_shape)} "
+            f"with groups={groups} expects {weight_shape[1] * groups}"
+        )
+    oh, ow = conv2d_output_size(op, x.shape, weight_shape, stride, padding, dilation)
+    if grad_out is not None:
+        expected = (x.shape[0], weight_shape[0], oh, ow)
+        if tuple(grad_out.shape) != expected:
+            raise ValueError(
+                f"sara_kernels.{op}: grad_out has shape {tuple(grad_out.shape)} but the convolution "
+                f"of x {tuple(x.shape)} with weight_shape {list(weight_shape)} gives {expected}"
+            )

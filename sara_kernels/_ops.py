@@ -1,0 +1,472 @@
+"""Every op's schema, device kernels, fake (meta) kernel and autograd formula, in one place.
+
+Public ops live in the ``sara_kernels`` namespace (``torch.ops.sara_kernels.<op>``). Their CPU and
+CUDA kernels are thin Python dispatchers: they check the inputs (errors name the argument), pick a
+backend (:mod:`sara_kernels._backend`) and call it:
+
+* ``reference``: :mod:`sara_kernels.reference` (also registered as ``CompositeExplicitAutograd``,
+  so it is the kernel on any other device);
+* ``cpu`` / ``cuda``: the compiled extension's ops ``torch.ops.sara_kernels_C.<op>``
+  (``csrc/cpu``, ``csrc/cuda``);
+* ``triton``: :mod:`sara_kernels.triton`.
+
+The native ops take 2-D (linear) or 4-D (conv) contiguous inputs; flattening and layout fixes
+happen here, once, for every backend.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sara_kernels import _backend, _checks, reference
+
+NAMESPACE = "sara_kernels"
+_lib = torch.library.Library(NAMESPACE, "DEF")
+
+# fmt: off
+SCHEMAS = {
+    "select_small_magnitude":
+        "select_small_magnitude(Tensor weight, float? threshold=None, int? k=None) -> Tensor",
+    "sampled_weight_grad_linear":
+        "sampled_weight_grad_linear(Tensor grad_out, Tensor x, Tensor index, int out_features, "
+        "int in_features) -> Tensor",
+    "sampled_weight_grad_conv2d":
+        "sampled_weight_grad_conv2d(Tensor grad_out, Tensor x, Tensor index, int[] weight_shape, "
+        "int[] stride, int[] padding, int[] dilation, int groups) -> Tensor",
+    "sparse_linear":
+        "sparse_linear(Tensor x, Tensor weight, Tensor? bias, Tensor index, Tensor delta) -> Tensor",
+    "sparse_conv2d":
+        "sparse_conv2d(Tensor x, Tensor weight, Tensor? bias, Tensor index, Tensor delta, "
+        "int[] stride, int[] padding, int[] dilation, int groups) -> Tensor",
+    "sparse_adamw_":
+        "sparse_adamw_(Tensor(a!) weight, Tensor index, Tensor base, Tensor(b!) delta, Tensor grad, "
+        "Tensor(c!) exp_avg, Tensor(d!) exp_avg_sq, *, float step, float lr, float beta1, "
+        "float beta2, float eps, float weight_decay, bool maximize=False) -> ()",
+    "scatter_merge_":
+        "scatter_merge_(Tensor(a!) weight, Tensor index, Tensor base, Tensor delta, "
+        "float alpha=1.0) -> ()",
+    "restore_":
+        "restore_(Tensor(a!) weight, Tensor index, Tensor base) -> ()",
+}
+# fmt: on
+
+for _schema in SCHEMAS.values():
+    _lib.define(_schema)
+
+#: The backend each op ran on last (per process); tests and benchmarks read it.
+last_backend: dict[str, str] = {}
+
+
+def _qualname(op: str) -> str:
+    return f"{NAMESPACE}::{op}"
+
+
+def _native(op: str):
+    return getattr(torch.ops.sara_kernels_C, op)
+
+
+def _triton(op: str):
+    return getattr(_backend._load_triton(), op)
+
+
+def _register_device_kernel(op: str, fn) -> None:
+    """The same dispatcher on CPU, CUDA and (as reference) every other device."""
+    for key in ("CPU", "CUDA"):
+        _lib.impl(op, fn, key)
+
+
+# ---------------------------------------------------------------------------------------------
+# select_small_magnitude
+# ---------------------------------------------------------------------------------------------
+def _select_small_magnitude(weight, threshold=None, k=None):
+    op = "select_small_magnitude"
+    _checks.check_tensor(op, "weight", weight, dtypes=_checks.WEIGHT_DTYPES)
+    if (threshold is None) == (k is None):
+        raise ValueError(f"sara_kernels.{op}: give exactly one of threshold or k")
+    if threshold is not None and not (threshold > 0 and threshold == threshold):
+        raise ValueError(f"sara_kernels.{op}: threshold must be a positive number, got {threshold}")
+    if k is not None and not (0 <= k <= weight.numel()):
+        raise ValueError(
+            f"sara_kernels.{op}: k={k} must lie in [0, {weight.numel()}] (the weight's entry count)"
+        )
+    backend = _backend.select_backend(op, weight.device)
+    last_backend[op] = backend
+    if backend in ("cpu", "cuda"):
+        return _native(op)(weight.contiguous(), threshold, k)
+    # Selection on the triton backend uses torch ops (a sort / compaction is not worth a kernel).
+    return reference.select_small_magnitude(weight, threshold, k)
+
+
+_register_device_kernel("select_small_magnitude", _select_small_magnitude)
+_lib.impl("select_small_magnitude", reference.select_small_magnitude, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake(_qualname("select_small_magnitude"), lib=_lib)
+def _(weight, threshold=None, k=None):
+    numel = weight.numel()
+    if k is not None:
+        count = k
+    else:
+        count = torch.library.get_ctx().new_dynamic_size()
+    return weight.new_empty((count,), dtype=reference.index_dtype_for(numel))
+
+
+# ---------------------------------------------------------------------------------------------
+# sampled weight gradients
+# ---------------------------------------------------------------------------------------------
+def _check_linear_grad(op, grad_out, x, index, out_features, in_features):
+    _checks.check_tensor(op, "grad_out", grad_out, dtypes=_checks.FLOAT_DTYPES)
+    _checks.check_tensor(op, "x", x, dtypes=_checks.FLOAT_DTYPES)
+    _checks.check_tensor(op, "index", index, dtypes=_checks.INDEX_DTYPES, dim=1)
+    if grad_out.dtype != x.dtype:
+        raise TypeError(f"sara_kernels.{op}: grad_out is {grad_out.dtype} but x is {x.dtype}")
+    if out_features <= 0 or in_features <= 0:
+        raise ValueError(
+            f"sara_kernels.{op}: out_features={out_features} and in_features={in_features} must be positive"
+        )
+    if grad_out.dim() == 0 or grad_out.shape[-1] != out_features:
+        raise ValueError(
+            f"sara_kernels.{op}: grad_out has shape {tuple(grad_out.shape)}; its last dim must be "
+            f"out_features={out_features}"
+        )
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(
+            f"sara_kernels.{op}: x has shape {tuple(x.shape)}; its last dim must be in_features={in_features}"
+        )
+    if grad_out.shape[:-1] != x.shape[:-1]:
+        raise ValueError(
+            f"sara_kernels.{op}: grad_out {tuple(grad_out.shape)} and x {tuple(x.shape)} must share "
+            "their leading (token) dims"
+        )
+    _checks.check_same_device(op, grad_out=grad_out, x=x, index=index)
+
+
+def _sampled_weight_grad_linear(grad_out, x, index, out_features, in_features):
+    op = "sampled_weight_grad_linear"
+    _check_linear_grad(op, grad_out, x, index, out_features, in_features)
+    _checks.check_index(op, index, out_features * in_features)
+    backend = _backend.select_backend(op, x.device)
+    last_backend[op] = backend
+    if backend == "reference":
+        return reference.sampled_weight_grad_linear(grad_out, x, index, out_features, in_features)
+    g = grad_out.reshape(-1, out_features).contiguous()
+    xx = x.reshape(-1, in_features).contiguous()
+    if backend == "triton":
+        return _triton(op)(g, xx, index, out_features, in_features)
+    return _native(op)(g, xx, index, out_features, in_features, _backend.sampled_grad_variant())
+
+
+_register_device_kernel("sampled_weight_grad_linear", _sampled_weight_grad_linear)
+_lib.impl(
+    "sampled_weight_grad_linear", reference.sampled_weight_grad_linear, "CompositeExplicitAutograd"
+)
+
+
+@torch.library.register_fake(_qualname("sampled_weight_grad_linear"), lib=_lib)
+def _(grad_out, x, index, out_features, in_features):
+    torch._check(grad_out.shape[-1] == out_features)
+    torch._check(x.shape[-1] == in_features)
+    return x.new_empty(index.shape, dtype=reference.accumulate_dtype(grad_out, x))
+
+
+def _check_conv_grad(op, grad_out, x, index, weight_shape, stride, padding, dilation, groups):
+    _checks.check_tensor(op, "grad_out", grad_out, dtypes=_checks.FLOAT_DTYPES, dim=4)
+    _checks.check_tensor(op, "x", x, dtypes=_checks.FLOAT_DTYPES, dim=4)
+    _checks.check_tensor(op, "index", index, dtypes=_checks.INDEX_DTYPES, dim=1)
+    if grad_out.dtype != x.dtype:
+        raise TypeError(f"sara_kernels.{op}: grad_out is {grad_out.dtype} but x is {x.dtype}")
+    for name, value in (("stride", stride), ("padding", padding), ("dilation", dilation)):
+        if len(value) != 2:
+            raise ValueError(f"sara_kernels.{op}: {name} must have 2 entries, got {list(value)}")
+    _checks.check_conv2d(op, x, weight_shape, stride, padding, dilation, groups, grad_out)
+    _checks.check_same_device(op, grad_out=grad_out, x=x, index=index)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _sampled_weight_grad_conv2d(grad_out, x, index, weight_shape, stride, padding, dilation, groups):
+    op = "sampled_weight_grad_conv2d"
+    _check_conv_grad(op, grad_out, x, index, weight_shape, stride, padding, dilation, groups)
+    _checks.check_index(op, index, _numel(weight_shape))
+    backend = _backend.select_backend(op, x.device)
+    last_backend[op] = backend
+    args = (list(weight_shape), list(stride), list(padding), list(dilation), groups)
+    if backend == "reference":
+        return reference.sampled_weight_grad_conv2d(grad_out, x, index, *args)
+    g, xx = grad_out.contiguous(), x.contiguous()
+    if backend == "triton":
+        return _triton(op)(g, xx, index, *args)
+    return _native(op)(g, xx, index, *args, _backend.sampled_grad_variant())
+
+
+_register_device_kernel("sampled_weight_grad_conv2d", _sampled_weight_grad_conv2d)
+_lib.impl(
+    "sampled_weight_grad_conv2d", reference.sampled_weight_grad_conv2d, "CompositeExplicitAutograd"
+)
+
+
+@torch.library.register_fake(_qualname("sampled_weight_grad_conv2d"), lib=_lib)
+def _(grad_out, x, index, weight_shape, stride, padding, dilation, groups):
+    return x.new_empty(index.shape, dtype=reference.accumulate_dtype(grad_out, x))
+
+
+# ---------------------------------------------------------------------------------------------
+# In-place ops: fused AdamW, merge, restore
+# ---------------------------------------------------------------------------------------------
+def _check_weight_side(op, weight, index, base):
+    _checks.check_tensor(op, "weight", weight, dtypes=_checks.WEIGHT_DTYPES)
+    _checks.check_contiguous_weight(op, weight)
+    _checks.check_tensor(op, "index", index, dtypes=_checks.INDEX_DTYPES, dim=1)
+    _checks.check_tensor(op, "base", base, dim=1)
+    if base.dtype != weight.dtype:
+        raise TypeError(f"sara_kernels.{op}: base is {base.dtype} but weight is {weight.dtype}; they must match")
+    if base.shape != index.shape:
+        raise ValueError(
+            f"sara_kernels.{op}: base has shape {tuple(base.shape)} but index has {tuple(index.shape)}"
+        )
+
+
+def _check_compact(op, name, t, index, dtypes):
+    _checks.check_tensor(op, name, t, dtypes=dtypes, dim=1)
+    if t.shape != index.shape:
+        raise ValueError(
+            f"sara_kernels.{op}: {name} has shape {tuple(t.shape)} but index has {tuple(index.shape)}"
+        )
+    if not t.is_contiguous():
+        raise ValueError(f"sara_kernels.{op}: {name} must be contiguous")
+
+
+def _sparse_adamw_(
+    weight, index, base, delta, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps,
+    weight_decay, maximize=False,
+):
+    op = "sparse_adamw_"
+    _check_weight_side(op, weight, index, base)
+    fp32 = (torch.float32,)
+    for name, t in (("delta", delta), ("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        _check_compact(op, name, t, index, fp32)
+    if weight.dtype == torch.float64:
+        raise TypeError(f"sara_kernels.{op}: weight dtype float64 is not supported; use fp32, bf16 or fp16")
+    if step < 1:
+        raise ValueError(f"sara_kernels.{op}: step must be >= 1 (AdamW counts from 1), got {step}")
+    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+        raise ValueError(f"sara_kernels.{op}: betas must lie in [0, 1), got ({beta1}, {beta2})")
+    if lr < 0 or eps < 0 or weight_decay < 0:
+        raise ValueError(
+            f"sara_kernels.{op}: lr={lr}, eps={eps} and weight_decay={weight_decay} must be non-negative"
+        )
+    _checks.check_same_device(
+        op, weight=weight, index=index, base=base, delta=delta, grad=grad, exp_avg=exp_avg,
+        exp_avg_sq=exp_avg_sq,
+    )
+    _checks.check_index(op, index, weight.numel())
+    backend = _backend.select_backend(op, weight.device)
+    last_backend[op] = backend
+    scalars = dict(
+        step=float(step), lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
+        weight_decay=float(weight_decay), maximize=bool(maximize),
+    )
+    if backend == "reference":
+        reference.sparse_adamw_(weight, index, base, delta, grad, exp_avg, exp_avg_sq, **scalars)
+    elif backend == "triton":
+        _triton(op)(weight, index, base, delta, grad, exp_avg, exp_avg_sq, **scalars)
+    else:
+        _native(op)(weight, index, base, delta, grad, exp_avg, exp_avg_sq, *scalars.values())
+
+
+_register_device_kernel("sparse_adamw_", _sparse_adamw_)
+_lib.impl("sparse_adamw_", reference.sparse_adamw_, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake(_qualname("sparse_adamw_"), lib=_lib)
+def _(weight, index, base, delta, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps,
+      weight_decay, maximize=False):
+    return None
+
+
+def _scatter_merge_(weight, index, base, delta, alpha=1.0):
+    op = "scatter_merge_"
+    _check_weight_side(op, weight, index, base)
+    _check_compact(op, "delta", delta, index, (torch.float32, torch.float64))
+    _checks.check_same_device(op, weight=weight, index=index, base=base, delta=delta)
+    _checks.check_index(op, index, weight.numel())
+    backend = _backend.select_backend(op, weight.device)
+    last_backend[op] = backend
+    if backend == "reference":
+        reference.scatter_merge_(weight, index, base, delta, alpha)
+    elif backend == "triton":
+        _triton(op)(weight, index, base, delta, float(alpha))
+    else:
+        _native(op)(weight, index, base, delta, float(alpha))
+
+
+_register_device_kernel("scatter_merge_", _scatter_merge_)
+_lib.impl("scatter_merge_", reference.scatter_merge_, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake(_qualname("scatter_merge_"), lib=_lib)
+def _(weight, index, base, delta, alpha=1.0):
+    return None
+
+
+def _restore_(weight, index, base):
+    op = "restore_"
+    _check_weight_side(op, weight, index, base)
+    _checks.check_same_device(op, weight=weight, index=index, base=base)
+    _checks.check_index(op, index, weight.numel())
+    backend = _backend.select_backend(op, weight.device)
+    last_backend[op] = backend
+    if backend == "reference":
+        reference.restore_(weight, index, base)
+    elif backend == "triton":
+        _triton(op)(weight, index, base)
+    else:
+        _native(op)(weight, index, base)
+
+
+_register_device_kernel("restore_", _restore_)
+_lib.impl("restore_", reference.restore_, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake(_qualname("restore_"), lib=_lib)
+def _(weight, index, base):
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd ops: sparse_linear, sparse_conv2d
+# ---------------------------------------------------------------------------------------------
+def _check_sparse_layer(op, x, weight, bias, index, delta):
+    _checks.check_tensor(op, "x", x, dtypes=_checks.FLOAT_DTYPES)
+    _checks.check_tensor(op, "weight", weight, dtypes=_checks.WEIGHT_DTYPES)
+    _checks.check_tensor(op, "index", index, dtypes=_checks.INDEX_DTYPES, dim=1)
+    _checks.check_tensor(op, "delta", delta, dtypes=(torch.float32, torch.float64), dim=1)
+    if delta.shape != index.shape:
+        raise ValueError(
+            f"sara_kernels.{op}: delta has shape {tuple(delta.shape)} but index has {tuple(index.shape)}"
+        )
+    if bias is not None:
+        _checks.check_tensor(op, "bias", bias, dim=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(
+                f"sara_kernels.{op}: bias has {bias.shape[0]} entries but weight has {weight.shape[0]} outputs"
+            )
+    _checks.check_same_device(op, x=x, weight=weight, bias=bias, index=index, delta=delta)
+    _checks.check_index(op, index, weight.numel())
+
+
+def _sparse_linear(x, weight, bias, index, delta):
+    op = "sparse_linear"
+    _check_sparse_layer(op, x, weight, bias, index, delta)
+    if weight.dim() != 2 or x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"sara_kernels.{op}: x {tuple(x.shape)} does not match weight {tuple(weight.shape)} ([out, in])"
+        )
+    return F.linear(x, weight, bias)
+
+
+_lib.impl("sparse_linear", _sparse_linear, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake(_qualname("sparse_linear"), lib=_lib)
+def _(x, weight, bias, index, delta):
+    torch._check(x.shape[-1] == weight.shape[1])
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _setup_layer(op: str, ctx, inputs) -> None:
+    x, weight, bias, index, delta = inputs[:5]
+    if weight.requires_grad:
+        raise RuntimeError(
+            f"sara_kernels.{op}: weight requires grad, but this op never forms a dense weight gradient; "
+            "freeze the weight (weight.requires_grad_(False)) and train delta"
+        )
+    need_x, _, need_bias, _, need_delta = ctx.needs_input_grad[:5]
+    ctx.save_for_backward(x if need_delta else None, weight if need_x else None, index)
+    ctx.x_shape = x.shape
+    ctx.weight_shape = weight.shape
+    ctx.delta_dtype = delta.dtype
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _linear_setup_context(ctx, inputs, output):
+    _setup_layer("sparse_linear", ctx, inputs)
+
+
+def _linear_backward(ctx, grad):
+    x, weight, index = ctx.saved_tensors
+    need_x, _, need_bias, _, need_delta = ctx.needs_input_grad
+    out_features, in_features = ctx.weight_shape
+    grad_x = grad_bias = grad_delta = None
+    if need_x:
+        grad_x = torch.matmul(grad, weight.to(grad.dtype))
+    if need_bias:
+        grad_bias = grad.reshape(-1, out_features).sum(0).to(ctx.bias_dtype)
+    if need_delta:
+        grad_delta = torch.ops.sara_kernels.sampled_weight_grad_linear(
+            grad, x, index, out_features, in_features
+        ).to(ctx.delta_dtype)
+    return grad_x, None, grad_bias, None, grad_delta
+
+
+torch.library.register_autograd(
+    _qualname("sparse_linear"), _linear_backward, setup_context=_linear_setup_context, lib=_lib
+)
+
+
+def _sparse_conv2d(x, weight, bias, index, delta, stride, padding, dilation, groups):
+    op = "sparse_conv2d"
+    _check_sparse_layer(op, x, weight, bias, index, delta)
+    if weight.dim() != 4:
+        raise ValueError(f"sara_kernels.{op}: weight must be 4-D, got shape {tuple(weight.shape)}")
+    _checks.check_conv2d(op, x, weight.shape, stride, padding, dilation, groups)
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+_lib.impl("sparse_conv2d", _sparse_conv2d, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake(_qualname("sparse_conv2d"), lib=_lib)
+def _(x, weight, bias, index, delta, stride, padding, dilation, groups):
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+def _conv_setup_context(ctx, inputs, output):
+    _setup_layer("sparse_conv2d", ctx, inputs)
+    ctx.conv_args = tuple(inputs[5:9])
+
+
+def _conv_backward(ctx, grad):
+    x, weight, index = ctx.saved_tensors
+    need_x, _, need_bias, _, need_delta = ctx.needs_input_grad[:5]
+    stride, padding, dilation, groups = ctx.conv_args
+    grad_x = grad_bias = grad_delta = None
+    if need_x:
+        # The input gradient as a transposed convolution: convolution_backward would also allocate
+        # a dense (zero) weight-gradient tensor even when it is not asked for.
+        output_padding = [
+            ctx.x_shape[2 + i]
+            - ((grad.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (ctx.weight_shape[2 + i] - 1) + 1)
+            for i in range(2)
+        ]
+        grad_x = F.conv_transpose2d(
+            grad, weight.to(grad.dtype), None, stride, padding, output_padding, groups, dilation
+        )
+    if need_bias:
+        grad_bias = grad.sum((0, 2, 3)).to(ctx.bias_dtype)
+    if need_delta:
+        grad_delta = torch.ops.sara_kernels.sampled_weight_grad_conv2d(
+            grad, x, index, list(ctx.weight_shape), stride, padding, dilation, groups
+        ).to(ctx.delta_dtype)
+    return grad_x, None, grad_bias, None, grad_delta, None, None, None, None
+
+
+torch.library.register_autograd(
+    _qualname("sparse_conv2d"), _conv_backward, setup_context=_conv_setup_context, lib=_lib
+)

@@ -1,0 +1,218 @@
+"""Typed Python wrappers of the ``torch.ops.sara_kernels`` ops.
+
+Shapes use ``N`` for tokens (all leading dims flattened), ``k`` for selected entries. Indices are
+flat positions in ``weight.view(-1)``, int32 (int64 only for weights of 2**31 entries or more),
+sorted strictly increasing. Every op runs on the backend chosen by :func:`sara_kernels.backends`
+rules (forced with :func:`sara_kernels.use_backend` or ``SARA_KERNELS_BACKEND``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from sara_kernels import _ops  # noqa: F401  (registers the ops)
+from sara_kernels._checks import pair
+
+_ops_ns = torch.ops.sara_kernels
+
+
+def select_small_magnitude(
+    weight: torch.Tensor, threshold: float | None = None, k: int | None = None
+) -> torch.Tensor:
+    """Select the entries to train.
+
+    Args:
+        weight: any shape, fp32/bf16/fp16/fp64.
+        threshold: select every entry with ``|w| < threshold`` (the paper's rule, e.g. 2e-3).
+        k: or select the ``k`` entries of smallest ``|w|``, ties broken by the smaller index.
+
+    Returns:
+        int32 ``[k]`` sorted flat indices (int64 when ``weight.numel() >= 2**31``).
+    """
+    return _ops_ns.select_small_magnitude(weight, threshold, k)
+
+
+def sampled_weight_grad_linear(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    index: torch.Tensor,
+    out_features: int,
+    in_features: int,
+) -> torch.Tensor:
+    """The gradient of a Linear weight at the selected entries only.
+
+    Args:
+        grad_out: ``[..., out]`` gradient of the layer output.
+        x: ``[..., in]`` layer input (same leading dims and dtype as ``grad_out``).
+        index: ``[k]`` flat indices into the ``[out, in]`` weight.
+
+    Returns:
+        ``[k]``: entry ``j`` is ``sum_n grad_out[n, r_j] * x[n, c_j]`` with
+        ``(r_j, c_j) = divmod(index[j], in_features)``; fp32 (fp64 for fp64 inputs), accumulated
+        in fp32 for fp16/bf16 inputs.
+    """
+    return _ops_ns.sampled_weight_grad_linear(grad_out, x, index, out_features, in_features)
+
+
+def sampled_weight_grad_conv2d(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    index: torch.Tensor,
+    weight_shape: Sequence[int],
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+) -> torch.Tensor:
+    """The gradient of a Conv2d weight at the selected entries only.
+
+    Args:
+        grad_out: ``[N, out, P, Q]`` gradient of the convolution output.
+        x: ``[N, in, H, W]`` convolution input.
+        index: ``[k]`` flat indices into the ``[out, in/groups, kh, kw]`` weight.
+        weight_shape, stride, padding, dilation, groups: as for ``torch.nn.functional.conv2d``.
+
+    Returns:
+        ``[k]`` fp32 (fp64 for fp64 inputs): ``conv2d_weight_grad.view(-1)[index]``.
+    """
+    op = "sampled_weight_grad_conv2d"
+    return _ops_ns.sampled_weight_grad_conv2d(
+        grad_out,
+        x,
+        index,
+        [int(s) for s in weight_shape],
+        pair(op, "stride", stride),
+        pair(op, "padding", padding),
+        pair(op, "dilation", dilation),
+        int(groups),
+    )
+
+
+def sparse_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    index: torch.Tensor,
+    delta: torch.Tensor,
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` whose backward gives the gradient of ``delta``.
+
+    ``weight`` must already hold the merged value ``base + delta`` at ``index`` (the modules keep
+    that invariant); ``delta`` enters only through it. Backward returns ``grad_x``, ``grad_bias``
+    and ``grad_delta = sampled_weight_grad_linear(grad_out, x, index)``; no dense weight gradient
+    is formed, and ``weight`` must not require grad.
+
+    Args:
+        x: ``[..., in]``; weight: ``[out, in]`` (frozen); bias: ``[out]`` or None;
+        index: ``[k]``; delta: ``[k]`` fp32 (fp64 for gradcheck).
+    """
+    return _ops_ns.sparse_linear(x, weight, bias, index, delta)
+
+
+def sparse_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    index: torch.Tensor,
+    delta: torch.Tensor,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+) -> torch.Tensor:
+    """``F.conv2d`` whose backward gives the gradient of ``delta`` (see :func:`sparse_linear`).
+
+    Args:
+        x: ``[N, in, H, W]``; weight: ``[out, in/groups, kh, kw]`` (frozen, merged);
+        bias: ``[out]`` or None; index: ``[k]``; delta: ``[k]``.
+    """
+    op = "sparse_conv2d"
+    return _ops_ns.sparse_conv2d(
+        x,
+        weight,
+        bias,
+        index,
+        delta,
+        pair(op, "stride", stride),
+        pair(op, "padding", padding),
+        pair(op, "dilation", dilation),
+        int(groups),
+    )
+
+
+def sparse_adamw_(
+    weight: torch.Tensor,
+    index: torch.Tensor,
+    base: torch.Tensor,
+    delta: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    *,
+    step: float,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+    maximize: bool = False,
+) -> None:
+    """One fused AdamW step on the compact vectors, then write the merged value into ``weight``.
+
+    Same arithmetic as ``torch.optim.AdamW`` (bias correction; decoupled weight decay acting on
+    ``delta``, i.e. toward the pre-trained value), followed by
+    ``weight.view(-1)[index] = (base.float() + delta).to(weight.dtype)``.
+
+    Args:
+        weight: dense, contiguous, fp32/bf16/fp16, updated in place at ``index``.
+        index: ``[k]``; base: ``[k]`` in ``weight.dtype`` (the pre-trained values).
+        delta, grad, exp_avg, exp_avg_sq: ``[k]`` fp32; delta and the moments updated in place.
+        step: the step number, counted from 1 (after incrementing).
+    """
+    _ops_ns.sparse_adamw_(
+        weight,
+        index,
+        base,
+        delta,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        step=float(step),
+        lr=float(lr),
+        beta1=float(beta1),
+        beta2=float(beta2),
+        eps=float(eps),
+        weight_decay=float(weight_decay),
+        maximize=bool(maximize),
+    )
+
+
+def scatter_merge_(
+    weight: torch.Tensor,
+    index: torch.Tensor,
+    base: torch.Tensor,
+    delta: torch.Tensor,
+    alpha: float = 1.0,
+) -> None:
+    """``weight.view(-1)[index] = (base + alpha * delta).to(weight.dtype)``, computed in fp32
+    (fp64 when ``delta`` or ``weight`` is fp64)."""
+    _ops_ns.scatter_merge_(weight, index, base, delta, float(alpha))
+
+
+def restore_(weight: torch.Tensor, index: torch.Tensor, base: torch.Tensor) -> None:
+    """``weight.view(-1)[index] = base``: undo a merge exactly."""
+    _ops_ns.restore_(weight, index, base)
+
+
+__all__ = [
+    "restore_",
+    "sampled_weight_grad_conv2d",
+    "sampled_weight_grad_linear",
+    "scatter_merge_",
+    "select_small_magnitude",
+    "sparse_adamw_",
+    "sparse_conv2d",
+    "sparse_linear",
+]

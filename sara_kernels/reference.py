@@ -1,0 +1,118 @@
+"""Pure-PyTorch implementations of every op: the default kernel on any device and the test oracle.
+
+These favour obvious correctness over memory: the sampled weight gradients form the dense weight
+gradient (in fp32, or fp64 for fp64 inputs) and gather from it. The native and Triton backends
+compute the same numbers without the dense gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+
+def accumulate_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """fp32 accumulation for fp32/fp16/bf16 inputs; fp64 when any input is fp64."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def index_dtype_for(numel: int) -> torch.dtype:
+    return torch.int64 if numel >= 2**31 else torch.int32
+
+
+def select_small_magnitude(
+    weight: torch.Tensor, threshold: float | None = None, k: int | None = None
+) -> torch.Tensor:
+    """Sorted flat indices of |w| < threshold, or of the k smallest |w| (ties broken by index)."""
+    flat = weight.detach().reshape(-1)
+    magnitude = flat.abs()
+    if threshold is not None:
+        index = torch.nonzero(magnitude < threshold).flatten()
+    else:
+        # A stable sort keeps equal magnitudes in index order, so ties go to the smaller index.
+        order = torch.sort(magnitude, stable=True).indices[:k]
+        index = torch.sort(order).values
+    return index.to(index_dtype_for(flat.numel()))
+
+
+def sampled_weight_grad_linear(
+    grad_out: torch.Tensor, x: torch.Tensor, index: torch.Tensor, out_features: int, in_features: int
+) -> torch.Tensor:
+    """grad_out: [..., out], x: [..., in], index: [k] -> [k]: (grad_out^T x).view(-1)[index]."""
+    acc = accumulate_dtype(grad_out, x)
+    g = grad_out.reshape(-1, out_features).to(acc)
+    xx = x.reshape(-1, in_features).to(acc)
+    dense = g.t() @ xx  # [out, in]
+    return dense.reshape(-1)[index.long()]
+
+
+def sampled_weight_grad_conv2d(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    index: torch.Tensor,
+    weight_shape: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> torch.Tensor:
+    """grad_out: [N, O, P, Q], x: [N, C, H, W] -> [k]: conv2d weight gradient at index."""
+    acc = accumulate_dtype(grad_out, x)
+    dense = torch.nn.grad.conv2d_weight(
+        x.to(acc), list(weight_shape), grad_out.to(acc), stride, padding, dilation, groups
+    )
+    return dense.reshape(-1)[index.long()]
+
+
+def _merged_values(base: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype, alpha: float = 1.0):
+    acc = accumulate_dtype(base, delta)
+    d = delta.to(acc)
+    if alpha != 1.0:
+        d = d * alpha
+    return (base.to(acc) + d).to(dtype)
+
+
+def sparse_adamw_(
+    weight: torch.Tensor,
+    index: torch.Tensor,
+    base: torch.Tensor,
+    delta: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    *,
+    step: float,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool = False,
+) -> None:
+    """One AdamW step on the compact vectors, with torch.optim.AdamW's arithmetic, then write back."""
+    if maximize:
+        grad = -grad
+    if weight_decay != 0:
+        delta.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    step_size = lr / bias_correction1
+    denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
+    delta.addcdiv_(exp_avg, denom, value=-step_size)
+    weight.view(-1)[index.long()] = _merged_values(base, delta, weight.dtype)
+
+
+def scatter_merge_(
+    weight: torch.Tensor, index: torch.Tensor, base: torch.Tensor, delta: torch.Tensor, alpha: float = 1.0
+) -> None:
+    """weight.view(-1)[index] = base + alpha * delta (computed in fp32, or fp64 for fp64 inputs)."""
+    weight.view(-1)[index.long()] = _merged_values(base, delta, weight.dtype, alpha)
+
+
+def restore_(weight: torch.Tensor, index: torch.Tensor, base: torch.Tensor) -> None:
+    """weight.view(-1)[index] = base."""
+    weight.view(-1)[index.long()] = base.to(weight.dtype)
