@@ -264,7 +264,9 @@ def sampled_grad_variant() -> int:
 def use_grad_variant(name: str) -> Iterator[None]:
     """Force the native sampled-gradient algorithm ('auto', 'direct' or 'gemm'); for benchmarks."""
     if name not in GRAD_VARIANTS:
-        raise ValueError(f"use_grad_variant: unknown variant {name!r}; expected one of {', '.join(GRAD_VARIANTS)}")
+        raise ValueError(
+            f"use_grad_variant: unknown variant {name!r}; expected one of {', '.join(GRAD_VARIANTS)}"
+        )
     previous = getattr(_local, "variant", None)
     _local.variant = GRAD_VARIANTS[name]
     try:

@@ -158,9 +158,7 @@ def _sampled_weight_grad_linear(grad_out, x, index, out_features, in_features):
 
 
 _register_device_kernel("sampled_weight_grad_linear", _sampled_weight_grad_linear)
-_lib.impl(
-    "sampled_weight_grad_linear", reference.sampled_weight_grad_linear, "CompositeExplicitAutograd"
-)
+_lib.impl("sampled_weight_grad_linear", reference.sampled_weight_grad_linear, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake(_qualname("sampled_weight_grad_linear"), lib=_lib)
@@ -206,9 +204,7 @@ def _sampled_weight_grad_conv2d(grad_out, x, index, weight_shape, stride, paddin
 
 
 _register_device_kernel("sampled_weight_grad_conv2d", _sampled_weight_grad_conv2d)
-_lib.impl(
-    "sampled_weight_grad_conv2d", reference.sampled_weight_grad_conv2d, "CompositeExplicitAutograd"
-)
+_lib.impl("sampled_weight_grad_conv2d", reference.sampled_weight_grad_conv2d, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake(_qualname("sampled_weight_grad_conv2d"), lib=_lib)
@@ -225,7 +221,9 @@ def _check_weight_side(op, weight, index, base):
     _checks.check_tensor(op, "index", index, dtypes=_checks.INDEX_DTYPES, dim=1)
     _checks.check_tensor(op, "base", base, dim=1)
     if base.dtype != weight.dtype:
-        raise TypeError(f"sara_kernels.{op}: base is {base.dtype} but weight is {weight.dtype}; they must match")
+        raise TypeError(
+            f"sara_kernels.{op}: base is {base.dtype} but weight is {weight.dtype}; they must match"
+        )
     if base.shape != index.shape:
         raise ValueError(
             f"sara_kernels.{op}: base has shape {tuple(base.shape)} but index has {tuple(index.shape)}"
@@ -243,8 +241,21 @@ def _check_compact(op, name, t, index, dtypes):
 
 
 def _sparse_adamw_(
-    weight, index, base, delta, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps,
-    weight_decay, maximize=False,
+    weight,
+    index,
+    base,
+    delta,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    *,
+    step,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    maximize=False,
 ):
     op = "sparse_adamw_"
     _check_weight_side(op, weight, index, base)
@@ -262,15 +273,26 @@ def _sparse_adamw_(
             f"sara_kernels.{op}: lr={lr}, eps={eps} and weight_decay={weight_decay} must be non-negative"
         )
     _checks.check_same_device(
-        op, weight=weight, index=index, base=base, delta=delta, grad=grad, exp_avg=exp_avg,
+        op,
+        weight=weight,
+        index=index,
+        base=base,
+        delta=delta,
+        grad=grad,
+        exp_avg=exp_avg,
         exp_avg_sq=exp_avg_sq,
     )
     _checks.check_index(op, index, weight.numel())
     backend = _backend.select_backend(op, weight.device)
     last_backend[op] = backend
     scalars = dict(
-        step=float(step), lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
-        weight_decay=float(weight_decay), maximize=bool(maximize),
+        step=float(step),
+        lr=float(lr),
+        beta1=float(beta1),
+        beta2=float(beta2),
+        eps=float(eps),
+        weight_decay=float(weight_decay),
+        maximize=bool(maximize),
     )
     if backend == "reference":
         reference.sparse_adamw_(weight, index, base, delta, grad, exp_avg, exp_avg_sq, **scalars)
@@ -285,8 +307,23 @@ _lib.impl("sparse_adamw_", reference.sparse_adamw_, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake(_qualname("sparse_adamw_"), lib=_lib)
-def _(weight, index, base, delta, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps,
-      weight_decay, maximize=False):
+def _(
+    weight,
+    index,
+    base,
+    delta,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    *,
+    step,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    maximize=False,
+):
     return None
 
 
@@ -452,7 +489,12 @@ def _conv_backward(ctx, grad):
         # a dense (zero) weight-gradient tensor even when it is not asked for.
         output_padding = [
             ctx.x_shape[2 + i]
-            - ((grad.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (ctx.weight_shape[2 + i] - 1) + 1)
+            - (
+                (grad.shape[2 + i] - 1) * stride[i]
+                - 2 * padding[i]
+                + dilation[i] * (ctx.weight_shape[2 + i] - 1)
+                + 1
+            )
             for i in range(2)
         ]
         grad_x = F.conv_transpose2d(
