@@ -1,0 +1,328 @@
+"""Sampled weight gradients: only the k selected entries of dL/dW, never the dense [out, in] gradient.
+
+Both kernels are "direct": each program owns ``BLOCK_K`` selected entries and streams over the
+reduction dimension (tokens for linear, (n, p, q) output positions for conv), gathering the two
+operands of each entry's dot product and accumulating elementwise products in a 2-D register tile
+that is reduced once at the end (a per-chunk ``tl.sum`` would pay a cross-lane reduction every
+iteration).
+
+Accumulation is fp32 for fp32/fp16/bf16 inputs (fp16 and bf16 products are exact in fp32) and fp64
+for fp64 inputs; the accumulator takes the output pointer's element type, so one kernel body covers
+both.
+
+When k is small the ``cdiv(k, BLOCK_K)`` programs cannot fill the GPU, so the reduction dimension is
+also split across a second grid axis. Each split writes its partial sums to its own row of a
+``[splits, k]`` workspace, summed afterwards with torch: deterministic, unlike atomics, and still
+O(k) memory rather than O(out * in).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+# Linear: a [BLOCK_N, BLOCK_K] fp32 tile is 4096 values = 32 registers/thread at 4 warps.
+LINEAR_BLOCK_K = 64
+LINEAR_BLOCK_N = 64
+# Conv: [BLOCK_K, BLOCK_T] with the (n, p, q) axis last so that lanes walk contiguous q (coalesced
+# grad_out loads, stride-sw x loads).
+CONV_BLOCK_K = 32
+CONV_BLOCK_T = 128
+NUM_WARPS = 4
+# A split must cover at least this many reduction chunks, or the workspace + sum costs more than it saves.
+MIN_CHUNKS_PER_SPLIT = 4
+
+
+def device_guard(t: torch.Tensor):
+    """Make ``t``'s GPU current while launching: Triton launches on the current device.
+
+    CPU tensors (the interpreter, ``TRITON_INTERPRET=1``) need no guard.
+    """
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def target_programs(t: torch.Tensor) -> int:
+    """Programs that keep the device busy: a few waves of SMs on CUDA; 1 on the interpreter, which
+    runs programs one after another, so splitting there only adds overhead."""
+    if t.is_cuda:
+        index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+        return 4 * _sm_count(index)
+    return 1
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _num_splits(k_blocks: int, reduce_len: int, block: int, device_tensor: torch.Tensor) -> int:
+    target = target_programs(device_tensor)
+    if k_blocks >= target:
+        return 1
+    max_splits = max(1, triton.cdiv(reduce_len, block * MIN_CHUNKS_PER_SPLIT))
+    return max(1, min(triton.cdiv(target, k_blocks), max_splits))
+
+
+def _split_bounds(reduce_len: int, splits: int, block: int) -> tuple[int, int]:
+    """(splits, per-split length); the length is a multiple of ``block`` so chunks never straddle."""
+    per = triton.cdiv(triton.cdiv(reduce_len, splits), block) * block
+    return triton.cdiv(reduce_len, per), per
+
+
+def _finish(out: torch.Tensor, splits: int) -> torch.Tensor:
+    return out[0] if splits == 1 else out.sum(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear: grad[j] = sum_n grad_out[n, r_j] * x[n, c_j],  (r_j, c_j) = divmod(index[j], in_features)
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _sampled_grad_linear_kernel(
+    g_ptr,  # [N, out] grad_out
+    x_ptr,  # [N, in]
+    index_ptr,  # [k] int32/int64, sorted flat indices into [out, in]
+    out_ptr,  # [splits, k] fp32/fp64 partial sums (the accumulation dtype)
+    k,
+    N,
+    in_features,
+    stride_g,
+    stride_x,
+    g_step,  # BLOCK_N * stride_g
+    x_step,  # BLOCK_N * stride_x
+    n_per_split,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_k = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < k
+    # int64 before any multiply: out * in (and N * stride) can exceed 2**31 on large layers.
+    idx = tl.load(index_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
+    row = idx // in_features
+    col = idx - row * in_features
+
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=out_ptr.dtype.element_ty)
+    n_start = pid_s * n_per_split
+    n_end = tl.minimum(n_start + n_per_split, N)
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    # Sorted indices mean neighbouring entries mostly share a row: the grad_out gathers hit the
+    # same addresses (broadcast) and the x gathers walk nearby columns. The pointer tiles advance by
+    # a fixed step (computed on the host, so BLOCK_N * stride cannot overflow int32 in the kernel)
+    # instead of being recomputed from n every chunk.
+    n64 = offs_n.to(tl.int64)[:, None]
+    g_ptrs = g_ptr + n64 * stride_g + row[None, :]
+    x_ptrs = x_ptr + n64 * stride_x + col[None, :]
+    for n0 in range(n_start, n_end, BLOCK_N):  # noqa: B007  (offs_n carries the position)
+        mask = (offs_n < n_end)[:, None] & mask_k[None, :]
+        g = tl.load(g_ptrs, mask=mask, other=0.0)
+        xv = tl.load(x_ptrs, mask=mask, other=0.0)
+        acc += g.to(acc.dtype) * xv.to(acc.dtype)
+        offs_n += BLOCK_N
+        g_ptrs += g_step
+        x_ptrs += x_step
+
+    result = tl.sum(acc, axis=0)
+    tl.store(out_ptr + pid_s.to(tl.int64) * k + offs_k, result, mask=mask_k)
+
+
+def sampled_weight_grad_linear(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    index: torch.Tensor,
+    out_features: int,
+    in_features: int,
+    *,
+    splits: int | None = None,
+) -> torch.Tensor:
+    """grad_out: [N, out], x: [N, in], index: [k] -> [k] (fp32, or fp64 for fp64 inputs).
+
+    ``splits`` forces the number of reduction splits (tests); by default it is chosen to fill the GPU.
+    """
+    acc = _acc_dtype(x)
+    k = index.numel()
+    N = x.shape[0]
+    if k == 0 or N == 0:
+        return torch.zeros(k, dtype=acc, device=x.device)
+    grad_out = grad_out.contiguous()
+    x = x.contiguous()
+    index = index.contiguous()
+    k_blocks = triton.cdiv(k, LINEAR_BLOCK_K)
+    if splits is None:
+        splits = _num_splits(k_blocks, N, LINEAR_BLOCK_N, x)
+    splits, per = _split_bounds(N, max(1, splits), LINEAR_BLOCK_N)
+    out = torch.empty((splits, k), dtype=acc, device=x.device)
+    with device_guard(x):
+        _sampled_grad_linear_kernel[(k_blocks, splits)](
+            grad_out,
+            x,
+            index,
+            out,
+            k,
+            N,
+            in_features,
+            grad_out.stride(0),
+            x.stride(0),
+            LINEAR_BLOCK_N * grad_out.stride(0),
+            LINEAR_BLOCK_N * x.stride(0),
+            per,
+            BLOCK_K=LINEAR_BLOCK_K,
+            BLOCK_N=LINEAR_BLOCK_N,
+            num_warps=NUM_WARPS,
+        )
+    return _finish(out, splits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Conv2d: grad[(o, c, i, j)] = sum_{n,p,q} dy[n, o, p, q] * x[n, g*Cg + c, p*sh + i*dh - ph, q*sw + j*dw - pw]
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _sampled_grad_conv2d_kernel(
+    dy_ptr,  # [N, O, P, Q] contiguous
+    x_ptr,  # [N, C, H, W] contiguous
+    index_ptr,  # [k] flat indices into the weight [O, Cg, KH, KW]
+    out_ptr,  # [splits, k] partial sums
+    k,
+    T,  # N * P * Q: the flattened reduction length
+    O,
+    C,
+    H,
+    W,
+    P,
+    Q,
+    Cg,
+    KH,
+    KW,
+    out_per_group,
+    stride_h,
+    stride_w,
+    pad_h,
+    pad_w,
+    dil_h,
+    dil_w,
+    t_per_split,
+    BLOCK_K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    pid_k = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < k
+    # Decode each entry once per program (int64: the weight may hold >= 2**31 entries).
+    idx = tl.load(index_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
+    kj = idx % KW
+    rest = idx // KW
+    ki = rest % KH
+    rest = rest // KH
+    ci = rest % Cg
+    o = rest // Cg
+    channel = (o // out_per_group) * Cg + ci
+    # Per-entry parts of the addresses and of the input coordinates.
+    PQ = P * Q
+    HW = H * W
+    dy_entry = o * PQ
+    x_entry = channel * HW
+    # Tap offsets are small: int32 keeps the per-chunk [BLOCK_K, BLOCK_T] coordinate math cheap.
+    h_off = (ki * dil_h - pad_h).to(tl.int32)
+    w_off = (kj * dil_w - pad_w).to(tl.int32)
+
+    acc = tl.zeros([BLOCK_K, BLOCK_T], dtype=out_ptr.dtype.element_ty)
+    t_start = pid_s * t_per_split
+    t_end = tl.minimum(t_start + t_per_split, T)
+    for t0 in range(t_start, t_end, BLOCK_T):
+        # (n, p, q) of this chunk: computed once per chunk in 1-D, then broadcast against the entries.
+        t = t0 + tl.arange(0, BLOCK_T)
+        mask_t = t < t_end
+        n = t // PQ
+        pq = t - n * PQ
+        p = pq // Q
+        q = pq - p * Q
+        n64 = n.to(tl.int64)
+        h = p[None, :] * stride_h + h_off[:, None]
+        w = q[None, :] * stride_w + w_off[:, None]
+        inside = (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        base_mask = mask_k[:, None] & mask_t[None, :]
+        dy = tl.load(
+            dy_ptr + (n64 * O * PQ + pq)[None, :] + dy_entry[:, None],
+            mask=base_mask,
+            other=0.0,
+        )
+        # Out-of-image taps are the zero padding: masked to 0, never dereferenced.
+        xv = tl.load(
+            x_ptr + (n64 * C * HW)[None, :] + x_entry[:, None] + h * W + w,
+            mask=base_mask & inside,
+            other=0.0,
+        )
+        acc += dy.to(acc.dtype) * xv.to(acc.dtype)
+
+    result = tl.sum(acc, axis=1)
+    tl.store(out_ptr + pid_s.to(tl.int64) * k + offs_k, result, mask=mask_k)
+
+
+def sampled_weight_grad_conv2d(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    index: torch.Tensor,
+    weight_shape,
+    stride,
+    padding,
+    dilation,
+    groups: int,
+    *,
+    splits: int | None = None,
+) -> torch.Tensor:
+    """grad_out: [N, O, P, Q], x: [N, C, H, W], index: [k] -> [k] entries of the conv2d weight gradient."""
+    acc = _acc_dtype(x)
+    k = index.numel()
+    N, C, H, W = x.shape
+    O, Cg, KH, KW = (int(s) for s in weight_shape)
+    P, Q = grad_out.shape[2], grad_out.shape[3]
+    T = N * P * Q
+    if k == 0 or T == 0:
+        return torch.zeros(k, dtype=acc, device=x.device)
+    grad_out = grad_out.contiguous()
+    x = x.contiguous()
+    index = index.contiguous()
+    k_blocks = triton.cdiv(k, CONV_BLOCK_K)
+    if splits is None:
+        splits = _num_splits(k_blocks, T, CONV_BLOCK_T, x)
+    splits, per = _split_bounds(T, max(1, splits), CONV_BLOCK_T)
+    out = torch.empty((splits, k), dtype=acc, device=x.device)
+    with device_guard(x):
+        _sampled_grad_conv2d_kernel[(k_blocks, splits)](
+            grad_out,
+            x,
+            index,
+            out,
+            k,
+            T,
+            O,
+            C,
+            H,
+            W,
+            P,
+            Q,
+            Cg,
+            KH,
+            KW,
+            O // groups,
+            int(stride[0]),
+            int(stride[1]),
+            int(padding[0]),
+            int(padding[1]),
+            int(dilation[0]),
+            int(dilation[1]),
+            per,
+            BLOCK_K=CONV_BLOCK_K,
+            BLOCK_T=CONV_BLOCK_T,
+            num_warps=NUM_WARPS,
+        )
+    return _finish(out, splits)
