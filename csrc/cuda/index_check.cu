@@ -1,0 +1,86 @@
+// Validation of a flat index vector on the device (see the comment on validate_index in common.cuh).
+#include "common.cuh"
+
+#include <ATen/ops/zeros.h>
+
+#include <cstdlib>
+#include <cstring>
+
+namespace sara_kernels_cuda {
+namespace {
+
+constexpr int kOutOfRange = 1;
+constexpr int kNotIncreasing = 2;
+
+// flag != nullptr: OR the failures into *flag (sync mode); else a device-side assertion.
+template <typename index_t>
+__global__ void validate_index_kernel(const index_t* __restrict__ index, int64_t k, int64_t numel, int* flag) {
+  for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < k;
+       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t v = static_cast<int64_t>(index[j]);
+    int bad = 0;
+    if (v < 0 || v >= numel) bad |= kOutOfRange;
+    if (j > 0 && static_cast<int64_t>(index[j - 1]) >= v) bad |= kNotIncreasing;
+    if (bad != 0) {
+      if (flag != nullptr) {
+        atomicOr(flag, bad);
+      } else {
+        CUDA_KERNEL_ASSERT((bad & kOutOfRange) == 0 &&
+                           "sara_kernels: index holds a value outside [0, weight.numel())");
+        CUDA_KERNEL_ASSERT((bad & kNotIncreasing) == 0 &&
+                           "sara_kernels: index must be sorted in strictly increasing order");
+      }
+    }
+  }
+}
+
+enum class Mode { kOff, kAsync, kSync };
+
+Mode mode_from_env() {
+  const char* env = std::getenv("SARA_KERNELS_CUDA_INDEX_CHECK");
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "async") == 0 || std::strcmp(env, "1") == 0) {
+    return Mode::kAsync;
+  }
+  if (std::strcmp(env, "sync") == 0) return Mode::kSync;
+  if (std::strcmp(env, "0") == 0 || std::strcmp(env, "off") == 0 || std::strcmp(env, "false") == 0) {
+    return Mode::kOff;
+  }
+  TORCH_CHECK_VALUE(false, "environment variable SARA_KERNELS_CUDA_INDEX_CHECK=", env,
+                    "; expected async, sync or off");
+  return Mode::kAsync;
+}
+
+}  // namespace
+
+void validate_index(const char* op, const at::Tensor& index, int64_t numel) {
+  const int64_t k = index.numel();
+  if (k == 0) return;
+  const Mode mode = mode_from_env();
+  if (mode == Mode::kOff) return;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(index.get_device()).stream();
+  if (mode == Mode::kSync) {
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+    if (capture != cudaStreamCaptureStatusNone) return;  // a sync is illegal while capturing
+  }
+  at::Tensor flag;
+  int* flag_ptr = nullptr;
+  if (mode == Mode::kSync) {
+    flag = at::zeros({1}, index.options().dtype(at::kInt));
+    flag_ptr = flag.data_ptr<int>();
+  }
+  AT_DISPATCH_INDEX_TYPES(index.scalar_type(), "sara_kernels_validate_index", [&] {
+    validate_index_kernel<index_t>
+        <<<blocks_for(k), kThreads, 0, stream>>>(index.data_ptr<index_t>(), k, numel, flag_ptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  if (mode == Mode::kSync) {
+    const int bad = static_cast<int>(flag.item().toInt());
+    TORCH_CHECK_INDEX((bad & kOutOfRange) == 0, "sara_kernels_C.", op,
+                      ": index holds values outside [0, ", numel, ") (the weight has ", numel, " entries)");
+    TORCH_CHECK_VALUE((bad & kNotIncreasing) == 0, "sara_kernels_C.", op,
+                      ": index must be sorted in strictly increasing order (no duplicates)");
+  }
+}
+
+}  // namespace sara_kernels_cuda

@@ -1,0 +1,51 @@
+// CUDA kernel of select_small_magnitude, built from ATen ops (a sort / compaction is not worth a
+// hand-written kernel): the same ops as sara_kernels.reference, so the result matches it exactly.
+//   threshold: sorted flat indices of |w| < threshold (at::nonzero keeps index order);
+//   k:         a stable sort of |w| (ties keep index order, so they go to the smaller index), the
+//              first k positions, sorted ascending.
+// Result: int32 [count] (int64 when weight.numel() >= 2^31), on the weight's device.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/nonzero.h>
+#include <ATen/ops/sort.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <optional>
+
+namespace sara_kernels_cuda {
+namespace {
+
+at::Tensor select_small_magnitude_cuda(const at::Tensor& weight, std::optional<double> threshold,
+                                       std::optional<int64_t> k) {
+  const char* op = "select_small_magnitude";
+  TORCH_CHECK(weight.defined() && weight.is_cuda(), "sara_kernels_C.", op, ": weight must be a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const at::ScalarType dtype = weight.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+                   "sara_kernels_C.", op, ": weight has dtype ", dtype, "; expected one of Float, Half, BFloat16, Double");
+  TORCH_CHECK_VALUE(threshold.has_value() != k.has_value(), "sara_kernels_C.", op,
+                    ": give exactly one of threshold or k");
+  const int64_t numel = weight.numel();
+  const at::ScalarType index_dtype = numel >= (int64_t{1} << 31) ? at::kLong : at::kInt;
+  const at::Tensor magnitude = weight.contiguous().reshape({-1}).abs();
+  if (threshold.has_value()) {
+    const double t = *threshold;
+    TORCH_CHECK_VALUE(t > 0.0, "sara_kernels_C.", op, ": threshold must be a positive number, got ", t);
+    return at::nonzero(magnitude.lt(t)).flatten().to(index_dtype);
+  }
+  const int64_t count = *k;
+  TORCH_CHECK_VALUE(count >= 0 && count <= numel, "sara_kernels_C.", op, ": k=", count, " must lie in [0, ", numel,
+                    "] (the weight's entry count)");
+  if (count == 0) return at::empty({0}, weight.options().dtype(index_dtype));
+  const at::Tensor order = std::get<1>(at::sort(magnitude, /*stable=*/true, /*dim=*/0, /*descending=*/false));
+  const at::Tensor chosen = std::get<0>(at::sort(order.narrow(0, 0, count), /*stable=*/false, 0, false));
+  return chosen.to(index_dtype);
+}
+
+}  // namespace
+}  // namespace sara_kernels_cuda
+
+TORCH_LIBRARY_IMPL(sara_kernels_C, CUDA, m) {
+  m.impl("select_small_magnitude", TORCH_FN(sara_kernels_cuda::select_small_magnitude_cuda));
+}
