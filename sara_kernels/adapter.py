@@ -1,0 +1,814 @@
+"""Save, load, combine and unload SaRA adapters (safetensors files, no pickle).
+
+An adapter holds, for every sparse-delta layer of a model (:class:`~sara_kernels.nn.SparseDeltaLinear`,
+:class:`~sara_kernels.nn.SparseDeltaConv2d`), the adapted entries: their sorted flat indices into
+``weight.view(-1)`` and their fp32 deltas (optionally the pre-trained values too). Tensors are keyed
+by the module name from ``model.named_modules()``:
+
+=====================  ==================  ==============================================
+key                    dtype               content
+=====================  ==================  ==============================================
+``<name>.index``       int32 (or int64)    ``[n]`` sorted flat indices (trainable + frozen)
+``<name>.delta``       fp32                ``[n]`` the deltas
+``<name>.base``        weight dtype        ``[n]`` pre-trained values (``include_base=True``)
+=====================  ==================  ==============================================
+
+(the model itself, when it is one sparse-delta layer, has the empty name: keys ``index``, ``delta``.)
+
+The file metadata (strings) holds ``format`` (``"sara_kernels.adapter"``), ``format_version``
+(``"1"``), ``sara_kernels_version``, ``sara_config`` (the JSON of ``model.sara_config`` when it is a
+dataclass), ``layers`` (JSON list of the layer names) and, per layer, ``layer/<name>``: a JSON
+record with the layer kind (``linear``/``conv2d``), the weight shape and dtype, the entry count, a
+SHA-256 of the layer's stored tensors (to detect corruption) and a *fingerprint* of the pre-trained
+weight (see :func:`weight_fingerprint`), checked when the adapter is loaded so that an adapter is not
+silently applied to a different base model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import uuid
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from sara_kernels import _checks
+from sara_kernels import nn as sk_nn
+from sara_kernels._version import __version__
+from sara_kernels.nn import SparseDeltaConv2d, SparseDeltaLinear
+
+#: ``format`` metadata value of an adapter file.
+FORMAT_NAME = "sara_kernels.adapter"
+#: ``format_version`` metadata value written (and the only one read) by this version.
+FORMAT_VERSION = "1"
+#: Name of the fingerprint scheme (stored in each fingerprint, compared on load).
+FINGERPRINT_SCHEME = "strided-sample-sha256+abs-sum-fp64/1"
+#: At most this many entries, evenly strided over ``weight.view(-1)``, are hashed exactly.
+FINGERPRINT_SAMPLES = 65_536
+#: Relative tolerance of the fp64 sum of ``|w|`` (summation order differs across devices).
+ABS_SUM_RTOL = 1e-6
+#: Entries per chunk for the fp64 sum of ``|w|`` (bounds the temporary memory to 32 MiB).
+_CHUNK = 1 << 22
+
+_KINDS: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
+    "linear": (nn.Linear, SparseDeltaLinear),
+    "conv2d": (nn.Conv2d, SparseDeltaConv2d),
+}
+_SPARSE_TYPES = (SparseDeltaLinear, SparseDeltaConv2d)
+_SPARSE_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_DTYPES = {
+    str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+}
+#: Instance state a sparse-delta layer adds to its dense layer (dropped by merge_and_unload).
+_SPARSE_PARAMS = ("sparse_delta",)
+_SPARSE_BUFFERS = (
+    "sparse_index",
+    "sparse_base",
+    "sparse_frozen_index",
+    "sparse_frozen_base",
+    "sparse_frozen_delta",
+)
+_SPARSE_ATTRS = ("sparse_threshold", "_frozen_unmerged")
+
+
+class AdapterError(ValueError):
+    """An adapter file is invalid, or does not fit the model it is loaded into."""
+
+
+class AdapterWarning(UserWarning):
+    """A problem that ``load_adapter(..., strict=False)`` reports and goes past."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprint of the pre-trained weight
+# ---------------------------------------------------------------------------------------------
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _sample_positions(numel: int) -> torch.Tensor:
+    """Evenly strided flat positions (at most FINGERPRINT_SAMPLES), the same on every device."""
+    count = min(numel, FINGERPRINT_SAMPLES)
+    return torch.arange(count, dtype=torch.int64) * numel // max(count, 1)
+
+
+def _pretrained_at(
+    flat: torch.Tensor, adapted: torch.Tensor, base: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """Pre-trained values of ``flat`` at ``positions`` (a copy): ``base`` where the entry is adapted
+    (``adapted`` sorted int64), the weight's own value elsewhere."""
+    values = flat[positions]
+    if adapted.numel() and positions.numel():
+        slot = torch.searchsorted(adapted, positions)
+        hit = slot < adapted.numel()
+        hit &= adapted[slot.clamp(max=adapted.numel() - 1)] == positions
+        values[hit] = base[slot[hit]].to(values.dtype)
+    return values
+
+
+def weight_fingerprint(
+    weight: torch.Tensor, index: torch.Tensor | None = None, base: torch.Tensor | None = None
+) -> dict[str, Any]:
+    """Fingerprint of a pre-trained weight: shape, dtype, a SHA-256 of the bytes of an evenly strided
+    sample of at most :data:`FINGERPRINT_SAMPLES` entries (exact), and the fp64 sum of ``|w|``
+    (compared with the relative tolerance :data:`ABS_SUM_RTOL`).
+
+    When ``index``/``base`` are given (an adapted layer, whose ``weight`` holds merged values), the
+    fingerprint is that of the weight with ``base`` written at ``index``, computed without touching
+    ``weight``: the sample is a 64K-entry copy patched at the adapted positions, and the sum runs
+    over chunks of :data:`_CHUNK` entries, each copied to fp64 and patched (no dense copy, no
+    unmerge/merge, so it is safe in the middle of training).
+
+    Args:
+        weight: dense weight (any float dtype, any device).
+        index: sorted flat indices of the adapted entries (int32/int64), or None.
+        base: pre-trained values at ``index``.
+
+    Returns:
+        A JSON-serialisable dict.
+    """
+    weight = weight.detach()
+    if not weight.is_contiguous():
+        weight = weight.contiguous()  # logical (row-major) order, as the indices address it
+    flat = weight.reshape(-1)
+    numel = flat.numel()
+    device = flat.device
+    if index is None or index.numel() == 0:
+        adapted = torch.empty(0, dtype=torch.int64, device=device)
+        base = flat.new_empty(0)
+    else:
+        if base is None or base.numel() != index.numel():
+            raise ValueError("weight_fingerprint: base must give one value per index entry")
+        adapted = index.to(device=device, dtype=torch.int64)
+        base = base.to(device)
+    with torch.no_grad():
+        positions = _sample_positions(numel).to(device)
+        sample = _pretrained_at(flat, adapted, base, positions)
+        sample_bytes = sample.cpu().contiguous().view(torch.uint8).numpy().tobytes()
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for start in range(0, numel, _CHUNK):
+            stop = min(start + _CHUNK, numel)
+            chunk = flat[start:stop].to(torch.float64, copy=True)
+            if adapted.numel():
+                lo, hi = torch.searchsorted(adapted, torch.tensor([start, stop], device=device)).tolist()
+                if hi > lo:
+                    chunk[adapted[lo:hi] - start] = base[lo:hi].to(torch.float64)
+            total += chunk.abs_().sum()
+            del chunk
+    return {
+        "scheme": FINGERPRINT_SCHEME,
+        "shape": list(weight.shape),
+        "dtype": _dtype_name(weight.dtype),
+        "sample_count": int(positions.numel()),
+        "sample_sha256": hashlib.sha256(sample_bytes).hexdigest(),
+        "abs_sum": float(total),
+        "sara_kernels_version": __version__,
+    }
+
+
+def fingerprint_differences(expected: dict[str, Any], got: dict[str, Any]) -> list[str]:
+    """What differs between two fingerprints (empty list: they match)."""
+    diffs = []
+    if expected.get("scheme") != got.get("scheme"):
+        diffs.append(f"fingerprint scheme {expected.get('scheme')!r} vs {got.get('scheme')!r}")
+        return diffs
+    if list(expected.get("shape", [])) != list(got.get("shape", [])):
+        diffs.append(f"weight shape {tuple(expected.get('shape', []))} vs {tuple(got.get('shape', []))}")
+    if expected.get("dtype") != got.get("dtype"):
+        diffs.append(f"weight dtype {expected.get('dtype')} vs {got.get('dtype')}")
+    if (expected.get("sample_count"), expected.get("sample_sha256")) != (
+        got.get("sample_count"),
+        got.get("sample_sha256"),
+    ):
+        diffs.append(
+            f"sampled entries differ (sha256 of {expected.get('sample_count')} strided entries "
+            f"{str(expected.get('sample_sha256'))[:12]}... vs {str(got.get('sample_sha256'))[:12]}...)"
+        )
+    a, b = float(expected.get("abs_sum", math.nan)), float(got.get("abs_sum", math.nan))
+    if not (abs(a - b) <= ABS_SUM_RTOL * max(abs(a), abs(b)) or a == b):
+        diffs.append(f"sum of |w| {a!r} vs {b!r} (relative tolerance {ABS_SUM_RTOL})")
+    return diffs
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers on layers
+# ---------------------------------------------------------------------------------------------
+def _kind_of(module: nn.Module) -> str | None:
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
+    return None
+
+
+def _is_sparse(module: nn.Module) -> bool:
+    return isinstance(module, _SPARSE_TYPES)
+
+
+def _pretrained_state(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(adapted index int64 sorted, pre-trained values there) of a layer (empty for a dense one)."""
+    weight = module.weight
+    if _is_sparse(module):
+        index, _, base = module.adapter_state()
+        return index.to(torch.int64), base
+    return torch.empty(0, dtype=torch.int64, device=weight.device), weight.detach().new_empty(0)
+
+
+def _module_fingerprint(module: nn.Module) -> dict[str, Any]:
+    index, base = _pretrained_state(module)
+    return weight_fingerprint(module.weight, index, base)
+
+
+def _carries_adapter(module: nn.Module) -> bool:
+    if not _is_sparse(module) or module.adapted_count == 0:
+        return False
+    _, delta, _ = module.adapter_state()
+    return bool((delta != 0).any())
+
+
+def _parents(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """id(child) -> every (parent, attribute name) that holds it."""
+    found: dict[int, list[tuple[nn.Module, str]]] = {}
+    for parent in model.modules():
+        for name, child in parent._modules.items():
+            if child is not None:
+                found.setdefault(id(child), []).append((parent, name))
+    return found
+
+
+def _replace(parents: dict[int, list[tuple[nn.Module, str]]], old: nn.Module, new: nn.Module) -> None:
+    for parent, name in parents.get(id(old), []):
+        setattr(parent, name, new)
+    parents[id(new)] = parents.pop(id(old), [])
+
+
+def _prefix(name: str) -> str:
+    return f"{name}." if name else ""
+
+
+def _tensor_digest(*tensors: torch.Tensor | None) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        if t is not None:
+            h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _layer_label(name: str) -> str:
+    return repr(name) if name else "'' (the model itself)"
+
+
+# ---------------------------------------------------------------------------------------------
+# save
+# ---------------------------------------------------------------------------------------------
+def _safetensors():
+    try:
+        import safetensors.torch  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "sara_kernels.adapter needs the 'safetensors' package: pip install safetensors"
+        ) from exc
+    import safetensors
+
+    return safetensors
+
+
+def _sparse_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    for name, module in model.named_modules():
+        if _is_sparse(module):
+            yield name, module
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, *, include_base: bool = False) -> None:
+    """Write the adapter of every sparse-delta layer of ``model`` to a safetensors file.
+
+    The write is atomic: the file is written to a temporary file in the same directory, flushed to
+    disk (fsync) and renamed over ``path`` (``os.replace``), so ``path`` holds either the old file or
+    the complete new one, never a partial file; on failure the temporary file is removed.
+
+    Args:
+        model: a model holding at least one :class:`~sara_kernels.nn.SparseDeltaLinear` /
+            :class:`~sara_kernels.nn.SparseDeltaConv2d` (possibly the model itself).
+        path: destination file (conventionally ``*.safetensors``).
+        include_base: also store the pre-trained values at the adapted entries (``<name>.base``),
+            e.g. to restore them in a model whose weights were merged; on load they are compared
+            with the model's pre-trained values.
+
+    Raises:
+        AdapterError: the model has no sparse-delta layer, or ``path`` is a directory.
+    """
+    safetensors = _safetensors()
+    path = os.fspath(path)
+    layers = list(_sparse_layers(model))
+    if not layers:
+        raise AdapterError(
+            f"save_adapter({path!r}): {type(model).__name__} has no sparse-delta layer "
+            "(SparseDeltaLinear / SparseDeltaConv2d); apply SaRA or convert layers with from_dense first"
+        )
+    if os.path.isdir(path):
+        raise AdapterError(f"save_adapter: {path!r} is a directory; give a file path")
+
+    tensors: dict[str, torch.Tensor] = {}
+    metadata: dict[str, str] = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "sara_kernels_version": __version__,
+        "layers": json.dumps([name for name, _ in layers]),
+    }
+    config = getattr(model, "sara_config", None)
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        metadata["sara_config"] = json.dumps(dataclasses.asdict(config), default=repr)
+    for name, layer in layers:
+        with torch.no_grad():
+            index, delta, base = layer.adapter_state()
+            index_cpu = index.detach().cpu().contiguous()
+            delta_cpu = delta.detach().to(torch.float32).cpu().contiguous()
+            base_cpu = base.detach().cpu().contiguous() if include_base else None
+        prefix = _prefix(name)
+        tensors[prefix + "index"] = index_cpu
+        tensors[prefix + "delta"] = delta_cpu
+        if base_cpu is not None:
+            tensors[prefix + "base"] = base_cpu
+        metadata[f"layer/{name}"] = json.dumps(
+            {
+                "kind": _kind_of(layer),
+                "weight_shape": list(layer.weight.shape),
+                "weight_dtype": _dtype_name(layer.weight.dtype),
+                "entries": int(index_cpu.numel()),
+                "has_base": base_cpu is not None,
+                "tensors_sha256": _tensor_digest(index_cpu, delta_cpu, base_cpu),
+                "fingerprint": weight_fingerprint(layer.weight, index, base),
+            }
+        )
+
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
+    # Created with O_EXCL and mode 0o666 so the final file gets the usual umask permissions.
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        safetensors.torch.save_file(tensors, tmp, metadata=metadata)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: str) -> None:
+    """Make the rename durable (POSIX); best effort where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# read
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Record:
+    name: str
+    kind: str
+    weight_shape: tuple[int, ...]
+    weight_dtype: torch.dtype
+    fingerprint: dict[str, Any]
+    index: torch.Tensor
+    delta: torch.Tensor
+    base: torch.Tensor | None
+
+
+def _corrupt(path: str, why: str) -> AdapterError:
+    return AdapterError(f"{path!r}: not a sara_kernels adapter or corrupted: {why}")
+
+
+def _read_records(path: str | os.PathLike) -> tuple[list[_Record], dict[str, torch.Tensor], dict[str, str]]:
+    safetensors = _safetensors()
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"adapter file {path!r} does not exist")
+    if os.path.isdir(path):
+        raise AdapterError(f"{path!r} is a directory, not an adapter file")
+    try:
+        with safetensors.safe_open(path, framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as exc:  # SafetensorError and friends: truncated, garbage, not safetensors
+        raise _corrupt(path, f"{type(exc).__name__}: {exc}") from exc
+
+    fmt = metadata.get("format")
+    if fmt is None:
+        raise AdapterError(
+            f"{path!r}: not a sara_kernels adapter (a safetensors file without the 'format' metadata "
+            f"{FORMAT_NAME!r}; metadata keys: {sorted(metadata)})"
+        )
+    if fmt != FORMAT_NAME:
+        raise AdapterError(
+            f"{path!r}: not a sara_kernels adapter: format is {fmt!r}, expected {FORMAT_NAME!r}"
+        )
+    version = metadata.get("format_version")
+    if version != FORMAT_VERSION:
+        raise AdapterError(
+            f"{path!r}: adapter format version {version!r} is not supported by sara_kernels "
+            f"{__version__} (it reads version {FORMAT_VERSION!r}; the file was written by sara_kernels "
+            f"{metadata.get('sara_kernels_version', '?')})"
+        )
+    try:
+        names = json.loads(metadata["layers"])
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError("'layers' is not a list of names")
+        raw = {name: json.loads(metadata[f"layer/{name}"]) for name in names}
+    except (KeyError, ValueError) as exc:
+        raise _corrupt(path, f"bad layer metadata ({type(exc).__name__}: {exc})") from exc
+
+    records = []
+    expected_keys = set()
+    for name in names:
+        info, label, prefix = raw[name], _layer_label(name), _prefix(name)
+        try:
+            kind = info["kind"]
+            shape = tuple(int(s) for s in info["weight_shape"])
+            dtype = _DTYPES[info["weight_dtype"]]
+            fingerprint = dict(info["fingerprint"])
+            has_base = bool(info["has_base"])
+            digest = info["tensors_sha256"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _corrupt(path, f"layer {label}: bad metadata record ({type(exc).__name__}: {exc})") from exc
+        if kind not in _KINDS:
+            raise _corrupt(path, f"layer {label}: unknown layer kind {kind!r} (expected linear or conv2d)")
+        keys = [prefix + "index", prefix + "delta"] + ([prefix + "base"] if has_base else [])
+        for key in keys:
+            if key not in tensors:
+                raise _corrupt(path, f"layer {label}: tensor {key!r} is missing")
+        expected_keys.update(keys)
+        index, delta = tensors[prefix + "index"], tensors[prefix + "delta"]
+        base = tensors[prefix + "base"] if has_base else None
+        if _tensor_digest(index, delta, base) != digest:
+            raise _corrupt(path, f"layer {label}: the stored tensors do not match their SHA-256")
+        numel = math.prod(shape)
+        if index.dtype not in _checks.INDEX_DTYPES:
+            raise AdapterError(
+                f"{path!r}: layer {label}: index has dtype {index.dtype}; expected int32 or int64"
+            )
+        if index.dim() != 1:
+            raise AdapterError(f"{path!r}: layer {label}: index must be 1-D, got shape {tuple(index.shape)}")
+        if delta.dtype != torch.float32:
+            raise AdapterError(f"{path!r}: layer {label}: delta has dtype {delta.dtype}; expected float32")
+        if delta.dim() != 1 or delta.numel() != index.numel():
+            raise AdapterError(
+                f"{path!r}: layer {label}: delta has shape {tuple(delta.shape)} but index has "
+                f"{index.numel()} entries"
+            )
+        if base is not None and (base.dtype != dtype or tuple(base.shape) != tuple(index.shape)):
+            raise AdapterError(
+                f"{path!r}: layer {label}: base has dtype {base.dtype} and shape {tuple(base.shape)}; "
+                f"expected {dtype} and {tuple(index.shape)}"
+            )
+        if index.numel():
+            lo, hi = int(index.min()), int(index.max())
+            if lo < 0 or hi >= numel:
+                raise AdapterError(
+                    f"{path!r}: layer {label}: index holds values in [{lo}, {hi}] but the weight of "
+                    f"shape {shape} has {numel} entries"
+                )
+            if index.numel() > 1 and not bool((index[1:] > index[:-1]).all()):
+                raise AdapterError(
+                    f"{path!r}: layer {label}: index is not sorted in strictly increasing order"
+                )
+        records.append(_Record(name, kind, shape, dtype, fingerprint, index, delta, base))
+    extra = sorted(set(tensors) - expected_keys)
+    if extra:
+        raise _corrupt(path, f"tensors not described by the metadata: {extra[:5]}")
+    return records, tensors, metadata
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read and validate an adapter file, without a model.
+
+    Args:
+        path: the file written by :func:`save_adapter`.
+
+    Returns:
+        ``(tensors, metadata)``: the tensors by key (``<name>.index``, ``<name>.delta``,
+        ``<name>.base``; on CPU) and the metadata strings as stored (``layer/<name>`` and
+        ``sara_config`` are JSON strings).
+
+    Raises:
+        FileNotFoundError: no such file.
+        AdapterError: not a safetensors file, truncated or corrupted, not a sara_kernels adapter,
+            an unsupported format version, or invalid tensors (index dtype/order/range, delta dtype
+            or length).
+    """
+    _, tensors, metadata = _read_records(path)
+    return tensors, metadata
+
+
+# ---------------------------------------------------------------------------------------------
+# load
+# ---------------------------------------------------------------------------------------------
+def _resolve(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name) if name else model
+    except AttributeError:
+        return None
+
+
+def _set_adapter(
+    layer: nn.Module, index: torch.Tensor, delta: torch.Tensor, frozen_delta: torch.Tensor | None = None
+) -> None:
+    """Give a sparse-delta layer the trainable entries ``index`` (sorted) with ``delta``.
+
+    Precondition: ``weight`` holds the pre-trained values at every entry of ``index`` and of the
+    layer's frozen index. ``frozen_delta`` replaces the frozen deltas (None: drop the frozen entries).
+    The delta Parameter (and the index tensor) are kept, updated in place, when the index does not
+    change, so an optimizer holding them stays valid.
+    """
+    weight = layer.weight
+    numel = weight.numel()
+    if index.dtype == torch.int64 and numel < 2**31:
+        index = index.to(torch.int32)
+    index = index.contiguous()
+    with torch.no_grad():
+        if torch.equal(index.to(torch.int64), layer.sparse_index.to(torch.int64)):
+            layer.sparse_delta.copy_(delta)
+        else:
+            _checks.mark_index_checked(index, numel)
+            layer.sparse_index = index
+            layer.sparse_base = weight.detach().reshape(-1)[index.long()].clone()
+            layer.sparse_delta = nn.Parameter(delta.to(torch.float32).clone())
+            layer.sparse_threshold = None
+            register = getattr(sk_nn, "_register_layer", None)
+            if register is not None:
+                register(layer)
+        if frozen_delta is None:
+            if layer.sparse_frozen_index.numel():
+                layer.sparse_frozen_index = layer.sparse_frozen_index.new_empty(0)
+                layer.sparse_frozen_base = layer.sparse_frozen_base.new_empty(0)
+                layer.sparse_frozen_delta = layer.sparse_frozen_delta.new_empty(0)
+        else:
+            layer.sparse_frozen_delta.copy_(frozen_delta)
+    layer._frozen_unmerged = True  # the frozen entries hold pre-trained values: merge them too
+    layer.merge_()
+
+
+def _restore_pretrained(layer: nn.Module) -> None:
+    """Write the pre-trained values back at every adapted entry (deltas unchanged)."""
+    layer.unmerge_()
+
+
+def _load_into(layer: nn.Module, record: _Record, alpha: float, combine: bool) -> str:
+    """Apply one record to a sparse-delta layer (already checked); returns 'replaced'/'combined'."""
+    device = layer.weight.device
+    new_index = record.index.to(device=device, dtype=torch.int64)
+    new_delta = record.delta.to(device) * alpha
+    if not _carries_adapter(layer):
+        # No adapter yet (no entries or all deltas zero): take the file's selection as is.
+        _restore_pretrained(layer)
+        _set_adapter(layer, new_index, new_delta)
+        return "replaced"
+    assert combine
+    _restore_pretrained(layer)
+    frozen_index = layer.sparse_frozen_index.to(torch.int64)
+    frozen_delta = layer.sparse_frozen_delta.detach().clone()
+    if frozen_index.numel():
+        in_frozen = torch.isin(new_index, frozen_index)
+        slots = torch.searchsorted(frozen_index, new_index[in_frozen])
+        frozen_delta.index_add_(0, slots, new_delta[in_frozen])
+        new_index, new_delta = new_index[~in_frozen], new_delta[~in_frozen]
+    old_index = layer.sparse_index.to(torch.int64)
+    union = torch.unique(torch.cat([old_index, new_index]), sorted=True)
+    delta = torch.zeros(union.numel(), dtype=torch.float32, device=device)
+    delta[torch.searchsorted(union, old_index)] = layer.sparse_delta.detach()
+    delta.index_add_(0, torch.searchsorted(union, new_index), new_delta)
+    _set_adapter(layer, union, delta, frozen_delta if frozen_index.numel() else None)
+    return "combined"
+
+
+def load_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    alpha: float = 1.0,
+    strict: bool = True,
+    *,
+    combine: bool = False,
+) -> dict[str, Any]:
+    """Load an adapter into ``model``: the adapted weights become ``P + alpha * ΔP``.
+
+    Every layer named in the file is looked up in ``model`` by its module name and checked (kind,
+    weight shape, fingerprint of its pre-trained weight) before anything is changed, so a failing
+    load leaves the model untouched. Then:
+
+    * a plain ``nn.Linear``/``nn.Conv2d`` is replaced, in its parent(s), by a sparse-delta layer
+      built with ``from_dense(index=file_index)`` (the weight storage is reused) whose delta is
+      ``alpha * file_delta``, merged into the weight;
+    * a sparse-delta layer without an adapter (no entries, or all deltas zero, e.g. fresh from
+      ``apply_sara``) takes the file's selection and ``alpha * file_delta``;
+    * a sparse-delta layer that already carries an adapter is an error unless ``combine=True``:
+      then the adapters add up, ``α₁ΔP₁ + α₂ΔP₂`` — the trainable index becomes the sorted union,
+      deltas add on shared entries (entries frozen by progressive re-selection stay frozen and
+      receive the file's delta there); the base stays the pre-trained values.
+
+    Entries saved as frozen become trainable after a load into a fresh model (the file records the
+    adapted entries, not which of them were frozen).
+
+    Args:
+        model: the base model (or a model with sparse-delta layers, see above).
+        path: a file written by :func:`save_adapter`.
+        alpha: scale of the adapter.
+        strict: if True, a layer missing from the model or a pre-trained weight that differs from
+            the one the adapter was trained on (fingerprint, or the stored base values) is an error;
+            if False, they are reported with :class:`AdapterWarning` (missing layers are skipped,
+            mismatching layers loaded anyway). A kind or shape mismatch is always an error.
+        combine: add to an adapter already loaded instead of raising.
+
+    Returns:
+        A summary: ``layers`` (names loaded), ``entries`` (adapted entries loaded), ``converted``
+        (dense layers replaced), ``combined``, ``skipped`` (missing layers), ``fingerprint_mismatches``,
+        ``alpha``, ``path``.
+
+    Raises:
+        FileNotFoundError, AdapterError: see :func:`read_adapter`; a layer missing (strict), of
+            another kind or weight shape, a different pre-trained weight (strict), or already
+            carrying an adapter (without ``combine``).
+    """
+    alpha = float(alpha)
+    if not math.isfinite(alpha):
+        raise ValueError(f"load_adapter: alpha must be finite, got {alpha}")
+    records, _, _ = _read_records(path)
+    path = os.fspath(path)
+
+    plan: list[tuple[_Record, nn.Module]] = []
+    skipped, mismatches = [], []
+    for record in records:
+        label = _layer_label(record.name)
+        module = _resolve(model, record.name)
+        if module is None:
+            message = f"load_adapter({path!r}): layer {label} is not in the model ({type(model).__name__})"
+            if strict:
+                raise AdapterError(message + "; pass strict=False to skip it")
+            warnings.warn(message + "; skipped", AdapterWarning, stacklevel=2)
+            skipped.append(record.name)
+            continue
+        kind_type = _KINDS[record.kind][0]
+        if not isinstance(module, kind_type):
+            raise AdapterError(
+                f"load_adapter({path!r}): layer {label}: the adapter is for a {kind_type.__name__} "
+                f"but the model has a {type(module).__name__} there"
+            )
+        got_shape = tuple(module.weight.shape)
+        if got_shape != record.weight_shape:
+            raise AdapterError(
+                f"load_adapter({path!r}): layer {label}: weight shape differs: the adapter expects "
+                f"{record.weight_shape}, the model has {got_shape}"
+            )
+        if _carries_adapter(module) and not combine:
+            raise AdapterError(
+                f"load_adapter({path!r}): layer {label} already carries an adapter; call "
+                "merge_and_unload first, or pass combine=True to add this one"
+            )
+        if record.index.numel() and not _is_sparse(module):
+            if module is model:
+                raise AdapterError(
+                    f"load_adapter({path!r}): the model itself is a plain {type(model).__name__}, which "
+                    "cannot be replaced in place; wrap it (e.g. nn.Sequential) or convert it with "
+                    f"{_KINDS[record.kind][1].__name__}.from_dense first"
+                )
+            if module.weight.dtype not in _SPARSE_WEIGHT_DTYPES:
+                raise AdapterError(
+                    f"load_adapter({path!r}): layer {label}: weight dtype {module.weight.dtype} cannot carry "
+                    "an adapter (fp32, bf16 or fp16 only)"
+                )
+            if not module.weight.is_contiguous():
+                raise AdapterError(
+                    f"load_adapter({path!r}): layer {label}: the weight is not contiguous (indices "
+                    "address weight.view(-1)); call .contiguous() on it first"
+                )
+        diffs = fingerprint_differences(record.fingerprint, _module_fingerprint(module))
+        if record.base is not None and not diffs:
+            adapted, base = _pretrained_state(module)
+            flat = module.weight.detach().reshape(-1)
+            at = record.index.to(device=flat.device, dtype=torch.int64)
+            if not torch.equal(_pretrained_at(flat, adapted, base, at).cpu(), record.base):
+                diffs.append("the stored pre-trained values (base) differ from the model's")
+        if diffs:
+            message = (
+                f"load_adapter({path!r}): layer {label}: the model's pre-trained weight differs from the "
+                f"one this adapter was trained on: " + "; ".join(diffs)
+            )
+            if strict:
+                raise AdapterError(message + " (pass strict=False to load anyway)")
+            warnings.warn(message + "; loading anyway", AdapterWarning, stacklevel=2)
+            mismatches.append(record.name)
+        plan.append((record, module))
+
+    names = [r.name for r, _ in plan]
+    if len(set(names)) != len(names) or len({id(m) for _, m in plan}) != len(plan):
+        raise AdapterError(f"load_adapter({path!r}): two adapter records resolve to the same layer")
+
+    parents = _parents(model)
+    converted, combined, entries = [], [], 0
+    for record, module in plan:
+        entries += record.index.numel()
+        if _is_sparse(module):
+            if record.index.numel() or _carries_adapter(module):
+                if _load_into(module, record, alpha, combine) == "combined":
+                    combined.append(record.name)
+            continue
+        if record.index.numel() == 0:
+            continue  # nothing to adapt: keep the dense layer (its fingerprint was checked)
+        sparse_cls = _KINDS[record.kind][1]
+        index = record.index.to(module.weight.device)
+        new = sparse_cls.from_dense(module, index=index)
+        with torch.no_grad():
+            new.sparse_delta.copy_(record.delta.to(new.sparse_delta.device) * alpha)
+        new.merge_()
+        _replace(parents, module, new)
+        converted.append(record.name)
+    return {
+        "path": path,
+        "alpha": alpha,
+        "layers": names,
+        "entries": int(entries),
+        "converted": converted,
+        "combined": combined,
+        "skipped": skipped,
+        "fingerprint_mismatches": mismatches,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# merge_and_unload
+# ---------------------------------------------------------------------------------------------
+def _unload(layer: nn.Module) -> nn.Module:
+    """A plain nn.Linear/nn.Conv2d sharing ``layer``'s state (merged weight, same Parameter and
+    storage, bias, hooks, training flag), without the sparse buffers."""
+    layer.merge_()  # the weight holds base + delta at every adapted entry, frozen ones included
+    dense_cls = nn.Linear if isinstance(layer, SparseDeltaLinear) else nn.Conv2d
+    new = dense_cls.__new__(dense_cls)
+    state = {}
+    for key, value in layer.__dict__.items():
+        if key in _SPARSE_ATTRS:
+            continue
+        state[key] = value.copy() if isinstance(value, (dict, set)) else value
+    for key in _SPARSE_PARAMS:
+        state["_parameters"].pop(key, None)
+    for key in _SPARSE_BUFFERS:
+        state["_buffers"].pop(key, None)
+        state["_non_persistent_buffers_set"].discard(key)
+    new.__dict__.update(state)
+    new.weight.requires_grad_(True)
+    return new
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Replace every sparse-delta layer by a plain ``nn.Linear``/``nn.Conv2d`` with the merged weight.
+
+    The weight Parameter (and its storage) is reused, not copied, and requires grad again, like a
+    fresh dense layer; bias, hooks and the training flag carry over.
+
+    Args:
+        model: a model with sparse-delta layers, or one sparse-delta layer.
+
+    Returns:
+        ``model`` with its layers replaced in place; when ``model`` is itself a sparse-delta layer,
+        the new plain layer (use the return value).
+    """
+    if _is_sparse(model):
+        return _unload(model)
+    parents = _parents(model)
+    for module in list(model.modules()):
+        if _is_sparse(module) and id(module) in parents:
+            _replace(parents, module, _unload(module))
+    return model
+
+
+__all__ = [
+    "AdapterError",
+    "AdapterWarning",
+    "fingerprint_differences",
+    "load_adapter",
+    "merge_and_unload",
+    "read_adapter",
+    "save_adapter",
+    "weight_fingerprint",
+]
