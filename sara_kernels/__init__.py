@@ -1,23 +1,59 @@
-"""sara_kernels: memory-efficient sparse fine-tuning (SaRA) kernels for PyTorch.
+"""sara_kernels: memory-efficient sparse fine-tuning (SaRA) for PyTorch.
 
-Public API:
-    sara_kernels.ops          -- the ops (typed wrappers of torch.ops.sara_kernels.*)
-    sara_kernels.backends()   -- what is built and which backend each op uses per device
-    sara_kernels.use_backend  -- context manager forcing a backend ('reference', 'cpu', 'cuda', 'triton')
+Layers and method:
+    SparseDeltaLinear, SparseDeltaConv2d   drop-in nn.Linear / nn.Conv2d with a k-sized trainable delta
+    SaRAConfig, apply_sara                  convert + select + freeze a model in place
+    sparse_parameters, SparseAdamW          the deltas and the fused optimizer
+    reselect_, ProgressiveReselection       progressive parameter adjustment
+    paper_learning_rate                     lr = 1e-3 * exp(-350 * threshold)
+    nuclear_norm_loss                       the low-rank constraint on the deltas ("svd" or "polar")
+    save_adapter, load_adapter, merge_and_unload   safetensors adapters, scaling/adding, deployment
+
+Kernels:
+    sara_kernels.ops          the ops (typed wrappers of torch.ops.sara_kernels.*)
+    sara_kernels.backends()   what is built and which backend each op uses per device
+    sara_kernels.use_backend  context manager forcing a backend ('reference', 'cpu', 'cuda', 'triton')
 """
 
 from sara_kernels import ops
 from sara_kernels._backend import BACKENDS, backends, use_backend, use_grad_variant
 from sara_kernels._checks import index_checks, set_index_checks
 from sara_kernels._version import __version__
+from sara_kernels.adapter import load_adapter, merge_and_unload, read_adapter, save_adapter
+from sara_kernels.nn import SparseDeltaConv2d, SparseDeltaLinear
+from sara_kernels.optim import SparseAdamW, paper_learning_rate
+from sara_kernels.regularizers import nuclear_norm_loss
+from sara_kernels.sara import (
+    ProgressiveReselection,
+    SaRAConfig,
+    apply_sara,
+    reselect_,
+    sparse_layers,
+    sparse_parameters,
+)
 
 __all__ = [
     "BACKENDS",
+    "ProgressiveReselection",
+    "SaRAConfig",
+    "SparseAdamW",
+    "SparseDeltaConv2d",
+    "SparseDeltaLinear",
     "__version__",
+    "apply_sara",
     "backends",
     "index_checks",
+    "load_adapter",
+    "merge_and_unload",
+    "nuclear_norm_loss",
     "ops",
+    "paper_learning_rate",
+    "read_adapter",
+    "reselect_",
+    "save_adapter",
     "set_index_checks",
+    "sparse_layers",
+    "sparse_parameters",
     "use_backend",
     "use_grad_variant",
 ]

@@ -78,6 +78,8 @@ def check_index(op: str, index: torch.Tensor, numel: int, *, name: str = "index"
         return
     if torch.compiler.is_compiling():
         return
+    if getattr(index, "_sara_kernels_checked", None) == (numel, index._version):
+        return  # validated by mark_index_checked and not modified since
     lo, hi = torch.aminmax(index)
     ordered = bool((index[1:] > index[:-1]).all()) if index.numel() > 1 else True
     lo, hi = int(lo), int(hi)
@@ -91,6 +93,20 @@ def check_index(op: str, index: torch.Tensor, numel: int, *, name: str = "index"
             f"sara_kernels.{op}: {name} must be sorted in strictly increasing order (no duplicates); "
             "sort it with torch.unique(index) or build it with select_small_magnitude"
         )
+
+
+def mark_index_checked(index: torch.Tensor, numel: int) -> None:
+    """Validate ``index`` for a weight of ``numel`` entries once, and remember it on the tensor.
+
+    Later calls of :func:`check_index` with the same tensor skip the data-dependent pass (and the
+    host sync on CUDA) until the tensor is modified in place (its version counter changes).
+    """
+    previous = getattr(index, "_sara_kernels_checked", None)
+    if previous == (numel, index._version):
+        return
+    with index_checks(True):
+        check_index("mark_index_checked", index, numel)
+    index._sara_kernels_checked = (numel, index._version)
 
 
 def check_contiguous_weight(op: str, weight: torch.Tensor, name: str = "weight") -> None:

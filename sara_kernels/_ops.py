@@ -512,3 +512,38 @@ def _conv_backward(ctx, grad):
 torch.library.register_autograd(
     _qualname("sparse_conv2d"), _conv_backward, setup_context=_conv_setup_context, lib=_lib
 )
+
+
+# ---------------------------------------------------------------------------------------------
+# Autocast: compute as nn.Linear / nn.Conv2d would (x, weight, bias in the autocast dtype; delta
+# stays fp32). torch.library.register_autocast takes one fixed dtype; this follows whatever dtype
+# the surrounding torch.autocast region asks for.
+# ---------------------------------------------------------------------------------------------
+def _register_autocast(op_name: str, cast_positions: tuple[int, ...]) -> None:
+    op = getattr(torch.ops.sara_kernels, op_name).default
+    for device_type in ("cpu", "cuda"):
+        key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        key = getattr(torch._C.DispatchKey, key_name)
+
+        def autocast_kernel(*args, _device_type=device_type, _key=key):
+            dtype = torch.get_autocast_dtype(_device_type)
+            args = list(args)
+            for i in cast_positions:
+                a = args[i]
+                # Autocast's own rule: floating tensors other than fp64, on the autocast device.
+                if (
+                    isinstance(a, torch.Tensor)
+                    and a.is_floating_point()
+                    and a.dtype not in (dtype, torch.float64)
+                    and a.device.type == _device_type
+                ):
+                    args[i] = a.to(dtype)
+            with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(_key)):
+                return op(*args)
+
+        op.py_impl(key)(autocast_kernel)
+        _lib.impl(op_name, lambda _keyset, *args, _f=autocast_kernel: _f(*args), key_name, with_keyset=True)
+
+
+_register_autocast("sparse_linear", (0, 1, 2))
+_register_autocast("sparse_conv2d", (0, 1, 2))

@@ -1,0 +1,138 @@
+"""``SparseAdamW``: AdamW over the k-sized deltas with the fused op (update + weight write-back).
+
+State per delta: ``step`` (a float tensor, as torch.optim.AdamW keeps it), ``exp_avg`` and
+``exp_avg_sq`` (fp32, k entries). The arithmetic is torch.optim.AdamW's (bias correction;
+decoupled weight decay, which here pulls the delta toward 0, i.e. the weight toward its
+pre-trained value). Parameters that are not sparse deltas (a bias or norm layer kept trainable)
+get the same AdamW arithmetic without the write-back.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+from sara_kernels import ops as sk
+from sara_kernels.nn import layer_of, mark_merged
+
+
+def paper_learning_rate(threshold: float) -> float:
+    """The SaRA paper's learning-rate rule (Eq. 12): ``lr = 1e-3 * exp(-350 * threshold)``.
+
+    Example: ``paper_learning_rate(2e-3) == 4.97e-4``.
+    """
+    if not (isinstance(threshold, (int, float)) and threshold > 0 and math.isfinite(threshold)):
+        raise ValueError(f"paper_learning_rate: threshold must be a positive number, got {threshold!r}")
+    return 1e-3 * math.exp(-350.0 * threshold)
+
+
+def _adamw_dense_(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weight_decay, maximize):
+    """AdamW on a plain tensor (same arithmetic as the fused op, without the write-back)."""
+    if maximize:
+        grad = -grad
+    if weight_decay != 0:
+        param.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    step_size = lr / (1 - beta1**step)
+    denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+class SparseAdamW(torch.optim.Optimizer):
+    """AdamW for sparse deltas: one fused kernel updates delta and its moments and writes
+    ``base + delta`` into the layer's frozen weight.
+
+    Args:
+        params: the deltas (``sara_kernels.sparse_parameters(model)``) or param groups; other
+            trainable tensors are allowed (plain AdamW on them).
+        lr, betas, eps, weight_decay, maximize: as ``torch.optim.AdamW`` (weight_decay default 1e-2).
+
+    Works with param groups, LR schedulers, ``state_dict()``/``load_state_dict()`` (a resumed run
+    follows the same trajectory bit for bit) and ``zero_grad(set_to_none=True)``.
+    """
+
+    #: The fused step writes the merged weight (nn._invalidate_after_step leaves the deltas merged).
+    _sara_kernels_writes_back = True
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        maximize: bool = False,
+    ):
+        if not (isinstance(lr, (int, float)) and lr >= 0):
+            raise ValueError(f"SparseAdamW: lr must be a non-negative number, got {lr!r}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"SparseAdamW: betas must lie in [0, 1), got {betas}")
+        if eps < 0 or weight_decay < 0:
+            raise ValueError(f"SparseAdamW: eps={eps} and weight_decay={weight_decay} must be non-negative")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dtype != torch.float32:
+                    raise TypeError(
+                        f"SparseAdamW: parameters must be fp32 (sparse deltas are); got {p.dtype} "
+                        f"for a parameter of shape {tuple(p.shape)}"
+                    )
+
+    def _init_state(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if len(state) == 0:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            hyper = dict(
+                lr=float(group["lr"]),
+                beta1=float(beta1),
+                beta2=float(beta2),
+                eps=float(group["eps"]),
+                weight_decay=float(group["weight_decay"]),
+                maximize=bool(group["maximize"]),
+            )
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if grad.is_sparse:
+                    raise RuntimeError("SparseAdamW: sparse (COO) gradients are not supported")
+                state = self._init_state(p)
+                state["step"] += 1
+                step = float(state["step"])
+                layer = layer_of(p)
+                if layer is not None and p.dim() == 1:
+                    sk.sparse_adamw_(
+                        layer.weight,
+                        layer.sparse_index,
+                        layer.sparse_base,
+                        p,
+                        grad.contiguous(),
+                        state["exp_avg"],
+                        state["exp_avg_sq"],
+                        step=step,
+                        **hyper,
+                    )
+                    mark_merged(p)  # the weight holds base + delta: no re-merge before the forward
+                else:
+                    _adamw_dense_(p, grad, state["exp_avg"], state["exp_avg_sq"], step=step, **hyper)
+        return loss
+
+
+__all__ = ["SparseAdamW", "paper_learning_rate"]

@@ -1,0 +1,140 @@
+"""Worker process for the DDP / accelerate tests in ``tests/test_integration.py``.
+
+Launched by ``python -m torch.distributed.run --nproc_per_node 2 tests/ddp_worker.py --mode M --out DIR``
+(CPU, gloo). Each rank trains a small ``apply_sara``'d model with ``SparseAdamW`` on its shard of
+a fixed batch and writes what the test checks to ``DIR/<mode>_rank<r>.pt``. The test imports
+:func:`build_model`, :func:`make_batch` and :func:`train` to run the single-process reference on
+the whole batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import sara_kernels as sk  # noqa: E402
+
+STEPS = 4
+LR = 1e-2
+BATCH = 8  # split evenly over the ranks: the mean of the shard means is the full-batch mean
+
+
+class SmallNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 6)
+        self.fc1 = nn.Linear(6 * 4 * 4, 24)
+        self.fc2 = nn.Linear(24, 3)
+
+    def forward(self, x):
+        h = F.gelu(self.norm(self.conv(x))).flatten(1)
+        return self.fc2(F.gelu(self.fc1(h)))
+
+
+def build_model() -> nn.Module:
+    torch.manual_seed(1234)
+    return sk.apply_sara(SmallNet(), sk.SaRAConfig(fraction=0.1))
+
+
+def make_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(99)
+    return torch.randn(BATCH, 3, 4, 4, generator=g), torch.randn(BATCH, 3, generator=g)
+
+
+def train(model, optimizer, x, y, steps=STEPS, backward=None) -> list[float]:
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.mse_loss(model(x), y)
+        (backward or torch.Tensor.backward)(loss)
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def delta_names(model: nn.Module) -> list[str]:
+    return [f"{name}.sparse_delta" for name, _ in sk.sparse_layers(model)]
+
+
+def report(model: nn.Module, trainable: list[str], losses: list[float], extra: dict) -> dict:
+    return {
+        "trainable": trainable,
+        "delta_names": delta_names(model),
+        "deltas": {
+            f"{n}.sparse_delta": layer.sparse_delta.detach().clone() for n, layer in sk.sparse_layers(model)
+        },
+        "weights": {n: layer.weight.detach().clone() for n, layer in sk.sparse_layers(model)},
+        "with_grad": [n for n, p in model.named_parameters() if p.grad is not None],
+        "losses": losses,
+        **extra,
+    }
+
+
+def run_ddp(rank: int, world: int) -> dict:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo")
+    model = build_model()
+    ddp = DDP(model)
+    trainable = [n for n, p in ddp.module.named_parameters() if p.requires_grad]
+    optimizer = sk.SparseAdamW(sk.sparse_parameters(model), lr=LR)
+    x, y = make_batch()
+    losses = train(ddp, optimizer, x.chunk(world)[rank], y.chunk(world)[rank])
+    logging = ddp._get_ddp_logging_data() if hasattr(ddp, "_get_ddp_logging_data") else {}
+    extra = {
+        "world": world,
+        "reducer_bytes": logging.get("total_parameter_size_bytes"),
+        "reducer_tensors": logging.get("num_parameter_tensors"),
+    }
+    out = report(model, trainable, losses, extra)
+    dist.destroy_process_group()
+    return out
+
+
+def run_accelerate(rank: int, world: int) -> dict:
+    from accelerate import Accelerator
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    accelerator = Accelerator(cpu=True)
+    model = build_model()
+    optimizer = sk.SparseAdamW(sk.sparse_parameters(model), lr=LR)
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    inner = accelerator.unwrap_model(wrapped)
+    trainable = [n for n, p in inner.named_parameters() if p.requires_grad]
+    x, y = make_batch()
+    i, n = accelerator.process_index, accelerator.num_processes
+    losses = train(wrapped, optimizer, x.chunk(n)[i], y.chunk(n)[i], backward=accelerator.backward)
+    extra = {
+        "world": n,
+        "rank": i,
+        "distributed_type": str(accelerator.distributed_type),
+        "wrapped_in_ddp": isinstance(wrapped, DDP),
+        "same_module": inner is model,
+    }
+    out = report(model, trainable, losses, extra)
+    accelerator.wait_for_everyone()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mode", choices=["ddp", "accelerate"], required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    result = (run_ddp if args.mode == "ddp" else run_accelerate)(rank, world)
+    torch.save(result, os.path.join(args.out, f"{args.mode}_rank{rank}.pt"))
+
+
+if __name__ == "__main__":
+    main()
