@@ -146,6 +146,12 @@ def _sampled_weight_grad_linear(grad_out, x, index, out_features, in_features):
     op = "sampled_weight_grad_linear"
     _check_linear_grad(op, grad_out, x, index, out_features, in_features)
     _checks.check_index(op, index, out_features * in_features)
+    return _run_sampled_weight_grad_linear(grad_out, x, index, out_features, in_features)
+
+
+def _run_sampled_weight_grad_linear(grad_out, x, index, out_features, in_features):
+    """Pick the backend and run (inputs already checked)."""
+    op = "sampled_weight_grad_linear"
     backend = _backend.select_backend(op, x.device)
     last_backend[op] = backend
     if backend == "reference":
@@ -192,6 +198,14 @@ def _sampled_weight_grad_conv2d(grad_out, x, index, weight_shape, stride, paddin
     op = "sampled_weight_grad_conv2d"
     _check_conv_grad(op, grad_out, x, index, weight_shape, stride, padding, dilation, groups)
     _checks.check_index(op, index, _numel(weight_shape))
+    return _run_sampled_weight_grad_conv2d(
+        grad_out, x, index, weight_shape, stride, padding, dilation, groups
+    )
+
+
+def _run_sampled_weight_grad_conv2d(grad_out, x, index, weight_shape, stride, padding, dilation, groups):
+    """Pick the backend and run (inputs already checked)."""
+    op = "sampled_weight_grad_conv2d"
     backend = _backend.select_backend(op, x.device)
     last_backend[op] = backend
     args = (list(weight_shape), list(stride), list(padding), list(dilation), groups)
@@ -436,7 +450,7 @@ def _linear_setup_context(ctx, inputs, output):
     _setup_layer("sparse_linear", ctx, inputs)
 
 
-def _linear_backward(ctx, grad):
+def _linear_backward(ctx, grad, checked=True):
     x, weight, index = ctx.saved_tensors
     need_x, _, need_bias, _, need_delta = ctx.needs_input_grad
     out_features, in_features = ctx.weight_shape
@@ -446,9 +460,12 @@ def _linear_backward(ctx, grad):
     if need_bias:
         grad_bias = grad.reshape(-1, out_features).sum(0).to(ctx.bias_dtype)
     if need_delta:
-        grad_delta = torch.ops.sara_kernels.sampled_weight_grad_linear(
-            grad, x, index, out_features, in_features
-        ).to(ctx.delta_dtype)
+        # ``checked``: through the registered op (traceable, inputs checked); else straight to the
+        # backend, for the layers' eager path whose shapes and index are known good.
+        sampled = (
+            torch.ops.sara_kernels.sampled_weight_grad_linear if checked else _run_sampled_weight_grad_linear
+        )
+        grad_delta = sampled(grad, x, index, out_features, in_features).to(ctx.delta_dtype)
     return grad_x, None, grad_bias, None, grad_delta
 
 
@@ -479,7 +496,7 @@ def _conv_setup_context(ctx, inputs, output):
     ctx.conv_args = tuple(inputs[5:9])
 
 
-def _conv_backward(ctx, grad):
+def _conv_backward(ctx, grad, checked=True):
     x, weight, index = ctx.saved_tensors
     need_x, _, need_bias, _, need_delta = ctx.needs_input_grad[:5]
     stride, padding, dilation, groups = ctx.conv_args
@@ -503,9 +520,12 @@ def _conv_backward(ctx, grad):
     if need_bias:
         grad_bias = grad.sum((0, 2, 3)).to(ctx.bias_dtype)
     if need_delta:
-        grad_delta = torch.ops.sara_kernels.sampled_weight_grad_conv2d(
-            grad, x, index, list(ctx.weight_shape), stride, padding, dilation, groups
-        ).to(ctx.delta_dtype)
+        sampled = (
+            torch.ops.sara_kernels.sampled_weight_grad_conv2d if checked else _run_sampled_weight_grad_conv2d
+        )
+        grad_delta = sampled(grad, x, index, list(ctx.weight_shape), stride, padding, dilation, groups).to(
+            ctx.delta_dtype
+        )
     return grad_x, None, grad_bias, None, grad_delta, None, None, None, None
 
 
@@ -547,3 +567,53 @@ def _register_autocast(op_name: str, cast_positions: tuple[int, ...]) -> None:
 
 _register_autocast("sparse_linear", (0, 1, 2))
 _register_autocast("sparse_conv2d", (0, 1, 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Eager fast path for the layers
+# ---------------------------------------------------------------------------------------------
+# The registered ops go through torch.library's Python autograd wrapper, the dispatcher and the
+# input checks on every call: ~250 us per forward on a 64x64 Linear (vs 34 us for F.linear, one
+# thread, measured with a timing loop). The sparse-delta layers validated their index and shapes
+# once at construction, so in eager mode they call these autograd Functions instead, with the same
+# setup/backward code; under torch.compile they call the registered ops (traceable, no graph break).
+def autocast_args(tensors: tuple, device_type: str) -> tuple:
+    """Cast floating tensors (not fp64) to the autocast dtype when autocast is on, as nn.Linear's
+    own computation would be."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(
+        t.to(dtype)
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype not in (dtype, torch.float64)
+        else t
+        for t in tensors
+    )
+
+
+class SparseLinearFunction(torch.autograd.Function):
+    """sparse_linear without the op dispatcher (inputs already validated by the layer)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, index, delta):
+        _setup_layer("sparse_linear", ctx, (x, weight, bias, index, delta))
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _linear_backward(ctx, grad, checked=False)
+
+
+class SparseConv2dFunction(torch.autograd.Function):
+    """sparse_conv2d without the op dispatcher (inputs already validated by the layer)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, index, delta, stride, padding, dilation, groups):
+        inputs = (x, weight, bias, index, delta, stride, padding, dilation, groups)
+        _setup_layer("sparse_conv2d", ctx, inputs)
+        ctx.conv_args = (stride, padding, dilation, groups)
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _conv_backward(ctx, grad, checked=False)

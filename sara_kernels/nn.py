@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from sara_kernels import _checks, reference
+from sara_kernels import _checks, _ops, reference
 from sara_kernels import ops as sk
 
 #: Attribute set on a delta after its weight was merged: (delta._version) at that time.
@@ -261,7 +261,10 @@ class SparseDeltaLinear(_SparseDeltaMixin, nn.Linear):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._maybe_merge()
-        return sk.sparse_linear(input, self.weight, self.bias, self.sparse_index, self.sparse_delta)
+        if torch.compiler.is_compiling():
+            return sk.sparse_linear(input, self.weight, self.bias, self.sparse_index, self.sparse_delta)
+        x, weight, bias = _ops.autocast_args((input, self.weight, self.bias), input.device.type)
+        return _ops.SparseLinearFunction.apply(x, weight, bias, self.sparse_index, self.sparse_delta)
 
     def to_dense(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding the merged weight (a copy)."""
@@ -331,17 +334,13 @@ class SparseDeltaConv2d(_SparseDeltaMixin, nn.Conv2d):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._maybe_merge()
         input, padding = self._padded(input)
-        return sk.sparse_conv2d(
-            input,
-            self.weight,
-            self.bias,
-            self.sparse_index,
-            self.sparse_delta,
-            list(self.stride),
-            padding,
-            list(self.dilation),
-            self.groups,
-        )
+        args = (list(self.stride), padding, list(self.dilation), self.groups)
+        if torch.compiler.is_compiling():
+            return sk.sparse_conv2d(
+                input, self.weight, self.bias, self.sparse_index, self.sparse_delta, *args
+            )
+        x, weight, bias = _ops.autocast_args((input, self.weight, self.bias), input.device.type)
+        return _ops.SparseConv2dFunction.apply(x, weight, bias, self.sparse_index, self.sparse_delta, *args)
 
     def to_dense(self) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` holding the merged weight (a copy)."""
