@@ -297,6 +297,45 @@ def _sparse_adamw_(
         exp_avg_sq=exp_avg_sq,
     )
     _checks.check_index(op, index, weight.numel())
+    run_sparse_adamw_(
+        weight,
+        index,
+        base,
+        delta,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        step=step,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        maximize=maximize,
+    )
+
+
+def run_sparse_adamw_(
+    weight,
+    index,
+    base,
+    delta,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    *,
+    step,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    maximize=False,
+):
+    """Pick the backend and run the fused step with no Python-side checks: SparseAdamW's fast path,
+    for layers that validated their tensors when they were built (the native kernels still check
+    shapes and index ranges)."""
+    op = "sparse_adamw_"
     backend = _backend.select_backend(op, weight.device)
     last_backend[op] = backend
     scalars = dict(

@@ -223,9 +223,9 @@ def _global_kth_magnitude(weights: list[torch.Tensor], k: int) -> float:
     return float(torch.tensor([lo], dtype=torch.int32).view(torch.float32))
 
 
-def _select_global_count(weights: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+def _select_global_count(weights: list[torch.Tensor], k: int) -> tuple[list[torch.Tensor], float]:
     """Exactly k indices over all weights: every |w| below the k-th value, then ties in layer order
-    and index order."""
+    and index order. Returns the indices and the k-th magnitude."""
     kth = _global_kth_magnitude(weights, k)
     kth_bits = int(torch.tensor([kth], dtype=torch.float32).view(torch.int32))
     chosen = []
@@ -238,7 +238,7 @@ def _select_global_count(weights: list[torch.Tensor], k: int) -> list[torch.Tens
         remaining_ties -= take.numel()
         index = torch.cat([below, take]).sort().values
         chosen.append(index.to(reference.index_dtype_for(w.numel())))
-    return chosen
+    return chosen, kth
 
 
 def _next_float32_above(value: float) -> float:
@@ -291,8 +291,7 @@ def apply_sara(model: nn.Module, config: SaRAConfig | None = None) -> nn.Module:
                 f"apply_sara: count={k} exceeds the {targeted_entries} entries of the targeted layers"
             )
         with torch.no_grad():
-            indices = _select_global_count(weights, k) if k > 0 else [None] * len(weights)
-            kth = _global_kth_magnitude(weights, k) if k > 0 else 0.0
+            indices, kth = _select_global_count(weights, k) if k > 0 else ([None] * len(weights), 0.0)
         indices = [i if i is not None else torch.empty(0, dtype=torch.int32) for i in indices]
         # "Still below" at re-selection: strictly above the largest selected magnitude is out.
         tried = _next_float32_above(kth)
