@@ -1,0 +1,42 @@
+"""The README's main job runs end to end (a quick subset: frozen floor, full fine-tuning, SaRA)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_unet_benchmark_quick_runs_and_reports(tmp_path):
+    pytest.importorskip("diffusers")
+    out = tmp_path / "unet.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "benchmarks", "bench_unet.py"),
+            "--quick",
+            "--methods",
+            "frozen,full,sara",
+            "--no-charts",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = report["results"]
+    assert set(rows) >= {"frozen", "full", "sara"}
+    sara = rows["sara"]
+    assert sara["trainable"] > 0 and sara["trainable"] < rows["full"]["trainable"] / 10
+    # The SaRA training state is index + base + delta + grad + two moments per selected entry.
+    assert 23.9 < sara["state_bytes"] / sara["trainable"] <= 24.01
+    assert "targets" in report
