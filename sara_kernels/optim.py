@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 import torch
 
-from sara_kernels import _ops
+from sara_kernels import _ops, reference
 from sara_kernels.nn import layer_of, mark_merged
 
 
@@ -26,19 +26,6 @@ def paper_learning_rate(threshold: float) -> float:
     if not (isinstance(threshold, (int, float)) and threshold > 0 and math.isfinite(threshold)):
         raise ValueError(f"paper_learning_rate: threshold must be a positive number, got {threshold!r}")
     return 1e-3 * math.exp(-350.0 * threshold)
-
-
-def _adamw_dense_(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weight_decay, maximize):
-    """AdamW on a plain tensor (same arithmetic as the fused op, without the write-back)."""
-    if maximize:
-        grad = -grad
-    if weight_decay != 0:
-        param.mul_(1 - lr * weight_decay)
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    step_size = lr / (1 - beta1**step)
-    denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
-    param.addcdiv_(exp_avg, denom, value=-step_size)
 
 
 class SparseAdamW(torch.optim.Optimizer):
@@ -138,7 +125,9 @@ class SparseAdamW(torch.optim.Optimizer):
                     )
                     mark_merged(p)  # the weight holds base + delta: no re-merge before the forward
                 else:
-                    _adamw_dense_(p, grad, state["exp_avg"], state["exp_avg_sq"], step=step, **hyper)
+                    reference.adamw_update_(
+                        p, grad, state["exp_avg"], state["exp_avg_sq"], step=step, **hyper
+                    )
         return loss
 
 

@@ -92,18 +92,46 @@ def sparse_adamw_(
     maximize: bool = False,
 ) -> None:
     """One AdamW step on the compact vectors, with torch.optim.AdamW's arithmetic, then write back."""
+    adamw_update_(
+        delta,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        step=step,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        maximize=maximize,
+    )
+    weight.view(-1)[index.long()] = _merged_values(base, delta, weight.dtype)
+
+
+def adamw_update_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    *,
+    step: float,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool = False,
+) -> None:
+    """torch.optim.AdamW's single-tensor arithmetic on any tensor (bias correction, decoupled decay)."""
     if maximize:
         grad = -grad
     if weight_decay != 0:
-        delta.mul_(1 - lr * weight_decay)
+        param.mul_(1 - lr * weight_decay)
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    bias_correction1 = 1 - beta1**step
-    bias_correction2 = 1 - beta2**step
-    step_size = lr / bias_correction1
-    denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
-    delta.addcdiv_(exp_avg, denom, value=-step_size)
-    weight.view(-1)[index.long()] = _merged_values(base, delta, weight.dtype)
+    step_size = lr / (1 - beta1**step)
+    denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-step_size)
 
 
 def scatter_merge_(
