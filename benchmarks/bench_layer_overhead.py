@@ -1,0 +1,63 @@
+"""Per-call overhead of a sparse-delta layer against the dense layer (small shapes, one thread).
+
+    python benchmarks/bench_layer_overhead.py
+
+Prints microseconds per call (mean over timed loops) for: nn.Linear forward, SparseDeltaLinear
+forward (eager fast path), the registered op sara_kernels.sparse_linear forward, and forward +
+backward of the dense and sparse layers. Small shapes make the Python/dispatcher cost visible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+import sara_kernels as sk
+
+
+def _bench(fn, n: int) -> float:
+    for _ in range(50):
+        fn()
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - start) / n * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--features", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--k", type=int, default=200)
+    parser.add_argument("--calls", type=int, default=2000)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    f = args.features
+    dense = torch.nn.Linear(f, f)
+    sparse = sk.SparseDeltaLinear.from_dense(torch.nn.Linear(f, f), k=args.k)
+    x = torch.randn(args.tokens, f, requires_grad=True)
+    rows = {
+        "dense forward": _bench(lambda: dense(x), args.calls),
+        "sparse layer forward": _bench(lambda: sparse(x), args.calls),
+        "registered op forward": _bench(
+            lambda: sk.ops.sparse_linear(
+                x, sparse.weight, sparse.bias, sparse.sparse_index, sparse.sparse_delta
+            ),
+            args.calls,
+        ),
+        "dense forward+backward": _bench(lambda: dense(x).sum().backward(), args.calls),
+        "sparse layer forward+backward": _bench(lambda: sparse(x).sum().backward(), args.calls),
+    }
+    for name, us in rows.items():
+        print(f"{name:<32} {us:8.1f} us")
+    print(json.dumps({"args": vars(args), "us_per_call": rows}))
+
+
+if __name__ == "__main__":
+    main()
