@@ -243,8 +243,9 @@ def backends() -> dict:
 # Sampled-gradient variant (native backends): which algorithm computes the selected entries
 # ---------------------------------------------------------------------------------------------
 #: 0 = auto (by density and shape), 1 = direct (one dot product per selected entry, no dense
-#: workspace), 2 = gemm (dense GEMM over bounded chunks of rows, then gather).
-GRAD_VARIANTS = {"auto": 0, "direct": 1, "gemm": 2}
+#: workspace), 2 = gemm (dense GEMM over bounded chunks of rows, then gather), 3 = tiled (CUDA,
+#: linear only: the entries' dot products over operands staged in shared memory).
+GRAD_VARIANTS = {"auto": 0, "direct": 1, "gemm": 2, "tiled": 3}
 ENV_GRAD_VARIANT = "SARA_KERNELS_GRAD_VARIANT"
 
 
@@ -262,7 +263,10 @@ def sampled_grad_variant() -> int:
 
 @contextlib.contextmanager
 def use_grad_variant(name: str) -> Iterator[None]:
-    """Force the native sampled-gradient algorithm ('auto', 'direct' or 'gemm'); for benchmarks."""
+    """Force the native sampled-gradient algorithm ('auto', 'direct', 'gemm' or 'tiled'); for benchmarks.
+
+    'tiled' exists for the linear gradient on CUDA only; the other kernels reject it by name.
+    """
     if name not in GRAD_VARIANTS:
         raise ValueError(
             f"use_grad_variant: unknown variant {name!r}; expected one of {', '.join(GRAD_VARIANTS)}"

@@ -34,6 +34,7 @@ pytestmark = [
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 VARIANTS = ("direct", "gemm", "auto")
+LINEAR_VARIANTS = VARIANTS + ("tiled",)
 DENSITIES = ("none", "one", 0.001, 0.05, 0.5, 1.0)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -68,6 +69,16 @@ def grad_tol(dtype, terms: int):
     if dtype == torch.float64:
         return dict(rtol=1e-9, atol=1e-10 * max(terms, 1))
     return dict(rtol=1e-4, atol=1e-6 + 2e-6 * max(terms, 1))
+
+
+def conv_tol(dtype, terms: int, variant: str):
+    """The conv gemm variant takes cuDNN's dense fp16/bf16 gradient (fp32 accumulation, each entry
+    rounded once to the input dtype, like the dense weight gradient): half an ulp of the dtype on
+    top of the fp32 summation error. auto may take it."""
+    tol = grad_tol(dtype, terms)
+    if variant != "direct" and dtype in (torch.float16, torch.bfloat16):
+        tol["rtol"] = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+    return tol
 
 
 @pytest.fixture
@@ -143,7 +154,7 @@ def _run_linear(g, x, index, out_f, in_f, variant):
     return got
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", LINEAR_VARIANTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("density", DENSITIES)
 @pytest.mark.parametrize(
@@ -162,7 +173,7 @@ def test_linear_matches_reference(variant, dtype, density, out_f, in_f, lead):
     )
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", LINEAR_VARIANTS)
 @pytest.mark.parametrize("index_dtype", INDEX_DTYPES)
 @pytest.mark.parametrize("tokens", [0, 1, 255, 257, 2000])
 def test_linear_tokens_and_index_dtype(variant, index_dtype, tokens):
@@ -207,10 +218,106 @@ def test_linear_auto_picks_both_variants_consistently():
     g, x = rand(64, 200, gen=gen), rand(64, 300, gen=gen)
     for density in (0.001, 0.005, 0.02, 0.2):
         index = make_index(200 * 300, density, gen)
-        results = [_run_linear(g, x, index, 200, 300, v) for v in VARIANTS]
+        results = [_run_linear(g, x, index, 200, 300, v) for v in LINEAR_VARIANTS]
         want = _linear_oracle(g, x, index, 200, 300)
         for got in results:
             torch.testing.assert_close(got.cpu().double(), want, **grad_tol(torch.float32, 64))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("index_dtype", INDEX_DTYPES)
+def test_linear_tiled_skewed_selection(dtype, index_dtype):
+    # A skewed selection: dense in a few rows, sparse elsewhere, so that entry groups span very
+    # different numbers of rows (in_features large, every row still fits one window).
+    gen = torch.Generator().manual_seed(41)
+    out_f, in_f, n = 1001, 1203, 37
+    g = rand(n, out_f, dtype=dtype, gen=gen)
+    x = rand(n, in_f, dtype=dtype, gen=gen)
+    dense_rows = torch.arange(5 * in_f, 9 * in_f)
+    sparse = torch.randperm(out_f * in_f, generator=gen)[:3000]
+    index = torch.unique(torch.cat([dense_rows, sparse])).to(index_dtype)
+    got = _run_linear(g, x, index, out_f, in_f, "tiled")
+    torch.testing.assert_close(
+        got.cpu().double(), _linear_oracle(g, x, index, out_f, in_f), **grad_tol(dtype, n)
+    )
+
+
+def test_linear_tiled_needs_all_rows_in_one_window():
+    # More output rows than shared memory holds next to the x rows: the tiled variant refuses by
+    # name (auto takes gemm there).
+    gen = torch.Generator().manual_seed(45)
+    out_f, in_f, n = 3001, 1203, 5
+    g, x = rand(n, out_f, gen=gen), rand(n, in_f, gen=gen)
+    index = make_index(out_f * in_f, 0.001, gen)
+    with pytest.raises(ValueError, match=r"variant 3 \(tiled\) needs .* out_features=3001"):
+        _run_linear(g, x, index, out_f, in_f, "tiled")
+    got = _run_linear(g, x, index, out_f, in_f, "auto")
+    torch.testing.assert_close(
+        got.cpu().double(), _linear_oracle(g, x, index, out_f, in_f), **grad_tol(torch.float32, n)
+    )
+
+
+@pytest.mark.parametrize("index_dtype", INDEX_DTYPES)
+def test_linear_tiled_windows_and_skew(dtype, index_dtype):
+    # More output rows than one shared-memory window holds (in_features large, out_features larger
+    # than the rows left), and a skewed selection: dense in a few rows, sparse elsewhere, so that an
+    # entry group spans several windows.
+    gen = torch.Generator().manual_seed(41)
+    out_f, in_f, n = 3001, 1203, 37
+    g = rand(n, out_f, dtype=dtype, gen=gen)
+    x = rand(n, in_f, dtype=dtype, gen=gen)
+    dense_rows = torch.arange(5 * in_f, 9 * in_f)
+    sparse = torch.randperm(out_f * in_f, generator=gen)[:3000]
+    index = torch.unique(torch.cat([dense_rows, sparse])).to(index_dtype)
+    got = _run_linear(g, x, index, out_f, in_f, "tiled")
+    torch.testing.assert_close(
+        got.cpu().double(), _linear_oracle(g, x, index, out_f, in_f), **grad_tol(dtype, n)
+    )
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16))
+def test_linear_tiled_unaligned_and_odd(dtype):
+    # Base pointers off the 16-byte grid and feature counts that are not multiples of the vector
+    # width take the scalar staging path; token counts that are not multiples of the chunk leave a
+    # zero-padded tail.
+    gen = torch.Generator().manual_seed(42)
+    out_f, in_f, n = 45, 77, 70
+    g = rand(n * out_f + 1, dtype=dtype, gen=gen)[1:].view(n, out_f)
+    x = rand(n * in_f + 3, dtype=dtype, gen=gen)[3:].view(n, in_f)
+    index = make_index(out_f * in_f, 0.3, gen)
+    got = _run_linear(g, x, index, out_f, in_f, "tiled")
+    torch.testing.assert_close(
+        got.cpu().double(), _linear_oracle(g, x, index, out_f, in_f), **grad_tol(dtype, n)
+    )
+
+
+@pytest.mark.parametrize("workspace", ["16", "4096"])
+def test_linear_tiled_bounded_partials(workspace, monkeypatch):
+    # The [splits, k] partial buffer stays within the workspace bound (down to one split).
+    monkeypatch.setenv("SARA_KERNELS_CUDA_WORKSPACE_BYTES", workspace)
+    gen = torch.Generator().manual_seed(43)
+    out_f, in_f, n = 64, 96, 3000
+    g, x = rand(n, out_f, gen=gen), rand(n, in_f, gen=gen)
+    index = make_index(out_f * in_f, 0.05, gen)
+    got = _run_linear(g, x, index, out_f, in_f, "tiled")
+    torch.testing.assert_close(
+        got.cpu().double(), _linear_oracle(g, x, index, out_f, in_f), **grad_tol(torch.float32, n)
+    )
+
+
+def test_linear_tiled_rejects_too_wide_layers():
+    # in_features whose x rows alone exceed shared memory: a clear error naming the variant, and
+    # auto falls back to gemm.
+    gen = torch.Generator().manual_seed(44)
+    out_f, in_f, n = 3, 4000, 2
+    g, x = rand(n, out_f, gen=gen), rand(n, in_f, gen=gen)
+    index = make_index(out_f * in_f, 0.001, gen)
+    with pytest.raises(ValueError, match=r"variant 3 \(tiled\) needs"):
+        _run_linear(g, x, index, out_f, in_f, "tiled")
+    got = _run_linear(g, x, index, out_f, in_f, "auto")
+    torch.testing.assert_close(
+        got.cpu().double(), _linear_oracle(g, x, index, out_f, in_f), **grad_tol(torch.float32, n)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,7 +398,9 @@ def test_conv_dtypes_densities(
     got = _run_conv(g, x, index, wshape, conv, variant)
     assert got.dtype == acc_dtype(dtype) and got.shape == index.shape
     torch.testing.assert_close(
-        got.cpu().double(), _conv_oracle(g, x, index, wshape, conv), **grad_tol(dtype, _conv_terms(g))
+        got.cpu().double(),
+        _conv_oracle(g, x, index, wshape, conv),
+        **conv_tol(dtype, _conv_terms(g), variant),
     )
 
 
@@ -323,7 +432,9 @@ def test_conv_chunked_paths(dtype, workspace, groups, monkeypatch):
         index = make_index(numel, density, gen)
         got = _run_conv(g, x, index, wshape, conv, "gemm")
         torch.testing.assert_close(
-            got.cpu().double(), _conv_oracle(g, x, index, wshape, conv), **grad_tol(dtype, _conv_terms(g))
+            got.cpu().double(),
+            _conv_oracle(g, x, index, wshape, conv),
+            **conv_tol(dtype, _conv_terms(g), "gemm"),
         )
 
 
@@ -502,6 +613,8 @@ def test_opcheck():
     for variant in (1, 2):
         samples.append((ops.sampled_weight_grad_linear, (gr, xr, index, 9, 11, variant)))
         samples.append((ops.sampled_weight_grad_conv2d, (gcr, xcr, cindex, wshape, *conv, variant)))
+    samples.append((ops.sampled_weight_grad_linear, (gr, xr, index, 9, 11, 3)))
+    samples.append((ops.sampled_weight_grad_linear, (g, x, index, 9, 11, 3)))
     for op, args in samples:
         torch.library.opcheck(op, args, test_utils=utils)
 
@@ -534,7 +647,7 @@ def _linear_args(**over):
         (lambda: dict(index=torch.tensor([0.0], device="cuda")), "index has dtype"),
         (lambda: dict(index=torch.tensor([[0]], dtype=torch.int32, device="cuda")), "index must be 1-D"),
         (lambda: dict(index=torch.tensor([0], dtype=torch.int32)), "index must be a CUDA tensor"),
-        (lambda: dict(variant=3), "variant"),
+        (lambda: dict(variant=4), "variant"),
         (lambda: dict(out_features=0), "out_features"),
     ],
 )
@@ -563,6 +676,7 @@ def test_conv_bad_input():
         ((g, x[..., :4], index, wshape, stride, padding, dilation, groups, 0), "x must be contiguous"),
         ((g, x, index.float(), wshape, stride, padding, dilation, groups, 0), "index has dtype"),
         ((g, x, index, wshape, stride, padding, dilation, groups, 7), "variant"),
+        ((g, x, index, wshape, stride, padding, dilation, groups, 3), "tiled, is a linear-only"),
     ]
     for args, match in cases:
         with pytest.raises((RuntimeError, TypeError, ValueError), match=match):
@@ -643,6 +757,7 @@ def _all_native_calls(index):
     return {
         "linear_direct": lambda: ops.sampled_weight_grad_linear(g, x, index, 4, 5, 1),
         "linear_gemm": lambda: ops.sampled_weight_grad_linear(g, x, index, 4, 5, 2),
+        "linear_tiled": lambda: ops.sampled_weight_grad_linear(g, x, index, 4, 5, 3),
         "conv_direct": lambda: ops.sampled_weight_grad_conv2d(gc, xc, index, wshape, *conv, 1),
         "conv_gemm": lambda: ops.sampled_weight_grad_conv2d(gc, xc, index, wshape, *conv, 2),
         "adamw": lambda: ops.sparse_adamw_(
@@ -694,7 +809,7 @@ def test_kernels_skip_out_of_range_indices(index_dtype, monkeypatch):
     calls, w = _all_native_calls(index)
     valid_calls, _ = _all_native_calls(index[1:3].clone())
     before = w.clone()
-    for name in ("linear_direct", "linear_gemm", "conv_direct", "conv_gemm"):
+    for name in ("linear_direct", "linear_gemm", "linear_tiled", "conv_direct", "conv_gemm"):
         got = calls[name]()
         assert torch.equal(got[[0, 3, 4]], torch.zeros(3, dtype=got.dtype, device="cuda")), name
         torch.testing.assert_close(got[1:3], valid_calls[name](), rtol=1e-6, atol=1e-6)

@@ -199,7 +199,12 @@ def test_sampled_weight_grad_conv2d(device, backend, case, density, dtype):
     assert _ops.last_backend["sampled_weight_grad_conv2d"] == backend
     s, p, d = (sara_kernels._checks.pair("t", "v", v) for v in (stride, padding, dilation))
     want = reference.sampled_weight_grad_conv2d(g, x, index, weight_shape, s, p, d, groups)
-    torch.testing.assert_close(got, want, **_grad_tolerance(dtype, N * out.shape[2] * out.shape[3], g, x))
+    tol = _grad_tolerance(dtype, N * out.shape[2] * out.shape[3], g, x)
+    if backend == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        # The CUDA gemm variant (auto's choice above its crossover) returns cuDNN's dense fp16/bf16
+        # gradient at the entries: fp32 accumulation, each entry rounded once to the input dtype.
+        tol["rtol"] = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+    torch.testing.assert_close(got, want, **tol)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -256,7 +256,7 @@ at::Tensor sampled_weight_grad_conv2d_cpu(const at::Tensor& grad_out,  // [N, O,
               " channels but weight_shape ", weight_shape, " with groups=", groups, " expects ",
               weight_shape[1] * groups);
   TORCH_CHECK(variant >= 0 && variant <= 2, op_name(kOp), ": variant=", variant,
-              " must be 0 (auto), 1 (direct) or 2 (gemm)");
+              " must be 0 (auto), 1 (direct) or 2 (gemm) (3, tiled, is a CUDA linear kernel)");
   Geometry g{};
   g.N = x.size(0), g.C = x.size(1), g.H = x.size(2), g.W = x.size(3);
   g.O = weight_shape[0], g.Cg = weight_shape[1], g.kh = weight_shape[2], g.kw = weight_shape[3];

@@ -185,7 +185,7 @@ at::Tensor sampled_weight_grad_linear_cpu(const at::Tensor& grad_out,  // [N, ou
   TORCH_CHECK(grad_out.size(0) == x.size(0), op_name(kOp), ": grad_out ", grad_out.sizes(),
               " and x ", x.sizes(), " must have the same number of tokens (dim 0)");
   TORCH_CHECK(variant >= 0 && variant <= 2, op_name(kOp), ": variant=", variant,
-              " must be 0 (auto), 1 (direct) or 2 (gemm)");
+              " must be 0 (auto), 1 (direct) or 2 (gemm) (3, tiled, is a CUDA linear kernel)");
   const int64_t numel = checked_mul(kOp, "out_features * in_features", out_features, in_features);
   check_index(kOp, index, numel);
 

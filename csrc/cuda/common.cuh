@@ -13,6 +13,14 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
 #include <cuda_runtime.h>
+#include <torch/version.h>
+
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
+#include <ATen/ops/mm.h>
+#define SARA_KERNELS_HAS_MM_OUT_DTYPE 1
+#else
+#define SARA_KERNELS_HAS_MM_OUT_DTYPE 0
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -38,6 +46,19 @@ inline int64_t workspace_bytes() {
   TORCH_CHECK_VALUE(end != env && *end == '\0' && value > 0, "environment variable SARA_KERNELS_CUDA_WORKSPACE_BYTES=",
                     env, " must be a positive integer (bytes)");
   return static_cast<int64_t>(value);
+}
+
+// fp16/bf16 GEMMs with an fp32 result (aten::mm.dtype_out: tensor cores, fp32 accumulation, no
+// converted copies of the inputs), where this PyTorch has them.
+constexpr bool kHasMmOutDtype = SARA_KERNELS_HAS_MM_OUT_DTYPE != 0;
+
+// out[fp32] = a @ b for fp16/bf16 a, b (only called when kHasMmOutDtype).
+inline void mm_fp32_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+#if SARA_KERNELS_HAS_MM_OUT_DTYPE
+  at::mm_out(out, a, b, at::kFloat);
+#else
+  TORCH_CHECK(false, "sara_kernels: internal error: mm.dtype_out is not available in this PyTorch");
+#endif
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

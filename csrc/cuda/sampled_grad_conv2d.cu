@@ -9,15 +9,19 @@
 //   with shuffles. Neighbouring warps hold neighbouring (sorted) entries, which share the dy plane
 //   and the x plane in L1/L2. When the entries alone give too few blocks, the samples are split
 //   over blockIdx.y into a [splits, k] partial buffer summed afterwards (deterministic).
-// variant 2 (gemm): per group, chunks of output channels (R) x input channels (Cc) x samples (B):
-//   the fp32 (fp64) input chunk is unfolded with at::im2col into [B, Cc*KH*KW, P*Q] and
+// variant 2 (gemm), fp16/bf16 inputs: cuDNN's dense weight gradient in the input dtype over
+//   chunks of groups / output channels (conv_gemm_lowp below), then a gather; the entries are
+//   rounded once to the input dtype, exactly like the dense gradient of full fine-tuning.
+// variant 2 (gemm), fp32/fp64 inputs: per group, chunks of output channels (R) x input channels
+//   (Cc) x samples (B): the input chunk is unfolded with at::im2col into [B, Cc*KH*KW, P*Q] and
 //   dense[R, Cc*KH*KW] += dy[b, R, P*Q] @ cols[b]^T with cuBLAS (at::addmm_), then a gather kernel
 //   copies the selected entries of the chunk. Workspace: the dense chunk <= kWorkspaceBytes / 4,
-//   the per-sample buffers (columns, converted x and dy chunks) of a sample chunk <= / 2.
-// variant 0 (auto): direct below kConvDirectMaxDensity (k / weight numel), gemm above.
+//   the per-sample buffers (columns, x and dy chunks) of a sample chunk <= / 2.
+// variant 0 (auto): direct below the crossover density (k / weight numel; see below), gemm above.
 #include "common.cuh"
 
 #include <ATen/ops/empty.h>
+#include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/im2col.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -25,8 +29,15 @@
 namespace sara_kernels_cuda {
 namespace {
 
-// Auto variant: direct below this density, gemm at or above it (placeholder; the GPU benchmarks
-// set the measured crossover).
+// Auto variant: direct below a density, gemm at or above it.
+// fp16/bf16 (gemm = cuDNN in the input dtype, 1.02-1.36x the dense gradient): the crossover
+// depends on the reduction length L = N * P * Q each entry's dot product walks. Fitted to the
+// H200 run in benchmarks/results/gpu_kernels_h200.json (where the direct kernel crossed 1x dense:
+// 1.4% at L = 64, ~1% at 256, 0.44-0.53% at 512-1024, 0.25-0.36% at 2048-32768):
+//   density* = kConvLowpBase + kConvLowpPerL / L.
+// fp32/fp64 (gemm = im2col + fp32 GEMM, several times slower than cuDNN): a placeholder.
+constexpr double kConvLowpBase = 0.0025;
+constexpr double kConvLowpPerL = 0.8;
 constexpr double kConvDirectMaxDensity = 0.015;
 
 constexpr int kConvWarps = kThreads / 32;  // entries per block
@@ -87,9 +98,9 @@ __global__ void __launch_bounds__(kThreads)
 
 // out[j] = dense[o - o_begin, (c - c0) * KH * KW + i * KW + jw] for the entries with output channel
 // in [o_begin, o_begin + rows) and in-group input channel in [c0, c0 + cc); others are left alone.
-template <typename acc_t, typename index_t>
+template <typename dense_t, typename acc_t, typename index_t>
 __global__ void __launch_bounds__(kThreads)
-    conv_gather_kernel(const acc_t* __restrict__ dense, const index_t* __restrict__ index, int64_t k, int64_t numel,
+    conv_gather_kernel(const dense_t* __restrict__ dense, const index_t* __restrict__ index, int64_t k, int64_t numel,
                        int64_t Cg, int64_t KK, int64_t o_begin, int64_t rows, int64_t c0, int64_t cc,
                        acc_t* __restrict__ out) {
   for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < k;
@@ -100,7 +111,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t t = f / KK;
     const int64_t c = t % Cg - c0;
     const int64_t o = t / Cg - o_begin;
-    if (o >= 0 && o < rows && c >= 0 && c < cc) out[j] = dense[o * (cc * KK) + c * KK + kk];
+    if (o >= 0 && o < rows && c >= 0 && c < cc) out[j] = static_cast<acc_t>(dense[o * (cc * KK) + c * KK + kk]);
   }
 }
 
@@ -165,16 +176,76 @@ void conv_gemm(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& inde
         }
         AT_DISPATCH_INDEX_TYPES(index.scalar_type(), "sara_kernels_conv_gather", [&] {
           if (acc == at::kDouble) {
-            conv_gather_kernel<double, index_t><<<blocks_for(k), kThreads, 0, stream>>>(
+            conv_gather_kernel<double, double, index_t><<<blocks_for(k), kThreads, 0, stream>>>(
                 dense.data_ptr<double>(), index.data_ptr<index_t>(), k, numel, s.Cg, KK, o_begin, r, c0, cc,
                 out.data_ptr<double>());
           } else {
-            conv_gather_kernel<float, index_t><<<blocks_for(k), kThreads, 0, stream>>>(
+            conv_gather_kernel<float, float, index_t><<<blocks_for(k), kThreads, 0, stream>>>(
                 dense.data_ptr<float>(), index.data_ptr<index_t>(), k, numel, s.Cg, KK, o_begin, r, c0, cc,
                 out.data_ptr<float>());
           }
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
+      }
+    }
+  }
+}
+
+// fp16/bf16 gemm: cuDNN's own weight gradient (at::convolution_backward, weight only) in the input
+// dtype, over chunks of whole groups or of output channels whose gradient fits in the workspace
+// bound, then a gather. cuDNN accumulates in fp32 and rounds each entry once to the input dtype:
+// the selected entries get exactly the values of the dense weight gradient that full
+// fine-tuning would compute (a relative error up to 2**-8 for bf16, 2**-11 for fp16, against the
+// fp32 sum), at the dense gradient's speed. The im2col path above keeps fp32 results for
+// fp32/fp64 inputs (where cuDNN could take TF32 shortcuts).
+void conv_gemm_lowp(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& index, const ConvGeom& s,
+                    int64_t groups, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                    at::Tensor& out) {
+  const int64_t k = index.numel();
+  const int64_t KK = s.KH * s.KW;
+  const int64_t numel = s.O * s.Cg * KK;
+  const int64_t elem = static_cast<int64_t>(c10::elementSize(x.scalar_type()));
+  const int64_t budget = std::max<int64_t>(1, workspace_bytes() / elem);  // elements of one gradient chunk
+  const int64_t group_numel = s.Og * s.Cg * KK;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  auto gather = [&](const at::Tensor& gw, int64_t o_begin, int64_t rows) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gw.scalar_type(), "sara_kernels_conv_gather_lowp", [&] {
+      AT_DISPATCH_INDEX_TYPES(index.scalar_type(), "sara_kernels_conv_gather_lowp_index", [&] {
+        conv_gather_kernel<scalar_t, float, index_t><<<blocks_for(k), kThreads, 0, stream>>>(
+            gw.data_ptr<scalar_t>(), index.data_ptr<index_t>(), k, numel, s.Cg, KK, o_begin, rows, 0, s.Cg,
+            out.data_ptr<float>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  };
+  if (group_numel <= budget) {
+    // Runs of whole groups (all of them at once for an ordinary convolution).
+    const int64_t per = std::min<int64_t>(groups, std::max<int64_t>(1, budget / group_numel));
+    for (int64_t g0 = 0; g0 < groups; g0 += per) {
+      const int64_t gc = std::min(per, groups - g0);
+      const bool all = gc == groups;
+      const at::Tensor xc = all ? x : x.narrow(1, g0 * s.Cg, gc * s.Cg);
+      const at::Tensor dyc = all ? dy : dy.narrow(1, g0 * s.Og, gc * s.Og);
+      const at::Tensor shape_only = at::empty({gc * s.Og, s.Cg, s.KH, s.KW}, x.options());
+      const at::Tensor gw = std::get<1>(at::convolution_backward(dyc, xc, shape_only, std::nullopt, stride, padding,
+                                                                 dilation, false, {0, 0}, gc, {false, true, false}))
+                                .contiguous();
+      gather(gw, g0 * s.Og, gc * s.Og);
+    }
+  } else {
+    // One group's gradient exceeds the bound: chunks of its output channels.
+    const int64_t R = std::min<int64_t>(s.Og, std::max<int64_t>(1, budget / (s.Cg * KK)));
+    for (int64_t grp = 0; grp < groups; ++grp) {
+      const at::Tensor xc = groups == 1 ? x : x.narrow(1, grp * s.Cg, s.Cg);
+      for (int64_t o0 = 0; o0 < s.Og; o0 += R) {
+        const int64_t r = std::min(R, s.Og - o0);
+        const at::Tensor dyc = dy.narrow(1, grp * s.Og + o0, r);
+        const at::Tensor shape_only = at::empty({r, s.Cg, s.KH, s.KW}, x.options());
+        const at::Tensor gw = std::get<1>(at::convolution_backward(dyc, xc, shape_only, std::nullopt, stride,
+                                                                   padding, dilation, false, {0, 0}, 1,
+                                                                   {false, true, false}))
+                                  .contiguous();
+        gather(gw, grp * s.Og + o0, r);
       }
     }
   }
@@ -226,7 +297,7 @@ at::Tensor sampled_weight_grad_conv2d_cuda(const at::Tensor& grad_out, const at:
   TORCH_CHECK_VALUE(H * W <= INT32_MAX && P_out * Q_out <= INT32_MAX && KH <= INT32_MAX && KW <= INT32_MAX,
                     "sara_kernels_C.", op, ": spatial sizes must stay below 2**31 elements per plane");
   TORCH_CHECK_VALUE(variant >= 0 && variant <= 2, "sara_kernels_C.", op, ": variant=", variant,
-                    " must be 0 (auto), 1 (direct) or 2 (gemm)");
+                    " must be 0 (auto), 1 (direct) or 2 (gemm) (3, tiled, is a linear-only kernel)");
   const int64_t numel = O * Cg * KH * KW;
   const at::Tensor index = checked_index(op, index_in, grad_out.device(), numel);
   const int64_t k = index.numel();
@@ -258,10 +329,15 @@ at::Tensor sampled_weight_grad_conv2d_cuda(const at::Tensor& grad_out, const at:
   at::Tensor out = at::zeros({k}, grad_out.options().dtype(acc));
   if (variant == 0) {
     const double density = static_cast<double>(k) / static_cast<double>(numel);
-    variant = density < kConvDirectMaxDensity ? 1 : 2;
+    const bool lowp = grad_out.scalar_type() == at::kHalf || grad_out.scalar_type() == at::kBFloat16;
+    const double L = static_cast<double>(N) * static_cast<double>(P_out) * static_cast<double>(Q_out);
+    const double crossover = lowp ? kConvLowpBase + kConvLowpPerL / std::max(L, 1.0) : kConvDirectMaxDensity;
+    variant = density < crossover ? 1 : 2;
   }
   if (variant == 1) {
     conv_direct(grad_out, x, index, s, out);
+  } else if (grad_out.scalar_type() == at::kHalf || grad_out.scalar_type() == at::kBFloat16) {
+    conv_gemm_lowp(grad_out, x, index, s, groups, stride, padding, dilation, out);
   } else {
     conv_gemm(grad_out, x, index, s, groups, out);
   }
