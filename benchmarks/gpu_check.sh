@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# On a CUDA machine: build the extension (CPU + CUDA kernels), run the whole test suite on CUDA,
-# then time CUDA vs Triton vs reference at UNet-sized layers. Results go to $OUT (or
-# benchmarks/results): tests.log, gpu_check.json, gpu_check.txt.
+# On a CUDA machine: build the extension (CPU + CUDA kernels), run the test suite on CUDA, then the
+# kernel benchmark (benchmarks/bench_gpu_kernels.py). Everything goes to $OUT (default
+# benchmarks/results): build.log, backends.json, env.txt, tests.log, bench_gpu_kernels.json/.txt.
 #
-#   bash benchmarks/gpu_check.sh            # from the repository root
+#   bash benchmarks/gpu_check.sh                    # from the repository root
+#   SKIP_TESTS=1 BENCH_ARGS="--only linear" bash benchmarks/gpu_check.sh
 #
-# Needs torch (a CUDA build), triton, pytest, setuptools, ninja already installed (no downloads).
+# Needs a CUDA build of torch, triton, pytest (pytest-xdist and pytest-timeout when present),
+# setuptools and ninja already installed: it downloads nothing. Time limits: TEST_TIMEOUT (s, the
+# whole test run, default 200) and BENCH_TIMEOUT (s, default 240). SKIP_TESTS=1 skips the tests;
+# TEST_FILES and TEST_K narrow them; BENCH_ARGS go to the benchmark.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results}"
@@ -14,22 +18,47 @@ PY="${PYTHON:-python3}"
 export MAX_JOBS="${MAX_JOBS:-16}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export PYTHONUNBUFFERED=1
+export SARA_KERNELS_REQUIRE_NATIVE=1
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv
+  nvcc --version | tail -n 2
+  "$PY" -c "import torch, triton, sys; print(sys.version.split()[0], torch.__version__, torch.version.cuda, triton.__version__)"
+} 2>&1 | tee "$OUT/env.txt"
 
 echo "== build"
 start=$(date +%s)
-"$PY" -m pip install --no-build-isolation --no-deps --no-index -e . 2>&1 | tail -n 3 | tee "$OUT/build.log"
-echo "build took $(( $(date +%s) - start )) s"
-"$PY" - <<'PY' | tee "$OUT/backends.txt"
-import json, sara_kernels
-print(json.dumps(sara_kernels.backends(), indent=1))
-PY
+"$PY" -m pip install --no-build-isolation --no-deps --no-index -e . >"$OUT/build.log" 2>&1
+build_rc=$?
+tail -n 3 "$OUT/build.log"
+echo "build rc=$build_rc took $(( $(date +%s) - start )) s"
+[ "$build_rc" -eq 0 ] || exit 1
+"$PY" -c "import json, sara_kernels; print(json.dumps(sara_kernels.backends(), indent=1))" >"$OUT/backends.json" 2>&1
+grep -n '"cuda_kernels"\|"error"' "$OUT/backends.json"
 
-echo "== tests (CUDA)"
-"$PY" -m pytest tests -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -n 25
-test_rc=${PIPESTATUS[0]}
+test_rc=0
+if [ -z "${SKIP_TESTS:-}" ]; then
+  echo "== tests (CUDA)"
+  start=$(date +%s)
+  xdist=""
+  "$PY" -c "import xdist" 2>/dev/null && xdist="-n 12"
+  tmo=""
+  "$PY" -c "import pytest_timeout" 2>/dev/null && tmo="--timeout 90"
+  # TEST_FILES (default tests) and TEST_K (a pytest -k expression) narrow the run.
+  timeout "${TEST_TIMEOUT:-200}" "$PY" -m pytest ${TEST_FILES:-tests} ${TEST_K:+-k "$TEST_K"} -q -p no:cacheprovider \
+    $xdist $tmo >"$OUT/tests.log" 2>&1
+  test_rc=$?
+  grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 30
+  tail -n 3 "$OUT/tests.log"
+  echo "tests rc=$test_rc took $(( $(date +%s) - start )) s"
+fi
 
-echo "== timings"
-"$PY" benchmarks/gpu_check.py --json "$OUT/gpu_check.json" 2>&1 | tee "$OUT/gpu_check.txt"
-bench_rc=${PIPESTATUS[0]}
+echo "== kernel benchmark"
+timeout "${BENCH_TIMEOUT:-240}" "$PY" benchmarks/bench_gpu_kernels.py --json "$OUT/bench_gpu_kernels.json" ${BENCH_ARGS:-} \
+  >"$OUT/bench_gpu_kernels.txt" 2>&1
+bench_rc=$?
+grep -E "FAILED|MISMATCH|Error" "$OUT/bench_gpu_kernels.txt" | head -n 20
+sed -n '/^summary/,$p' "$OUT/bench_gpu_kernels.txt"
 echo "tests rc=$test_rc bench rc=$bench_rc"
 exit $(( test_rc != 0 || bench_rc != 0 ))
