@@ -40,3 +40,35 @@ def test_unet_benchmark_quick_runs_and_reports(tmp_path):
     # The SaRA training state is index + base + delta + grad + two moments per selected entry.
     assert 23.9 < sara["state_bytes"] / sara["trainable"] <= 24.01
     assert "targets" in report
+
+
+def test_gpu_kernel_benchmark_quick_runs_on_cpu(tmp_path):
+    # The GPU kernel benchmark's code paths (every section, the JSON and the summary) on tiny CPU
+    # shapes, so that the script a GPU session runs does not rot between sessions.
+    out = tmp_path / "kernels.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "benchmarks", "bench_gpu_kernels.py"),
+            "--quick",
+            "--device",
+            "cpu",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    kinds = {row["kind"] for row in report["rows"]}
+    assert kinds == {"ceil", "linear", "conv", "adamw"}
+    sampled = [
+        row for row in report["rows"] if row["kind"] in ("linear", "conv") and row["variant"] != "dense"
+    ]
+    assert not [row for row in sampled if row.get("error")]
+    timed = [row for row in sampled if not row.get("skipped")]  # skipped: > 40x dense at a lower density
+    assert timed and all(row["matches"] and row["ms"] > 0 for row in timed)
+    assert "summary on" in result.stdout
