@@ -26,18 +26,21 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <cmath>
+
 namespace sara_kernels_cuda {
 namespace {
 
 // Auto variant: direct below a density, gemm at or above it.
 // fp16/bf16 (gemm = cuDNN in the input dtype, 1.02-1.36x the dense gradient): the crossover
 // depends on the reduction length L = N * P * Q each entry's dot product walks. Fitted to the
-// H200 run in benchmarks/results/gpu_kernels_h200.json (where the direct kernel crossed 1x dense:
-// 1.4% at L = 64, ~1% at 256, 0.44-0.53% at 512-1024, 0.25-0.36% at 2048-32768):
-//   density* = kConvLowpBase + kConvLowpPerL / L.
+// H200 run in benchmarks/results/gpu_kernels_h200.json (where the direct kernel crossed the gemm
+// one: ~1.4% at L = 64, ~1% at 256, 0.44-0.53% at 512-1024, 0.25-0.36% at 2048-32768):
+//   density* = kConvLowpBase + kConvLowpPerSqrtL / sqrt(L),
+// which picks the faster variant in every 0.1% / 0.6% / 2.3% cell of that run.
 // fp32/fp64 (gemm = im2col + fp32 GEMM, several times slower than cuDNN): a placeholder.
 constexpr double kConvLowpBase = 0.0025;
-constexpr double kConvLowpPerL = 0.8;
+constexpr double kConvLowpPerSqrtL = 0.07;
 constexpr double kConvDirectMaxDensity = 0.015;
 
 constexpr int kConvWarps = kThreads / 32;  // entries per block
@@ -331,7 +334,7 @@ at::Tensor sampled_weight_grad_conv2d_cuda(const at::Tensor& grad_out, const at:
     const double density = static_cast<double>(k) / static_cast<double>(numel);
     const bool lowp = grad_out.scalar_type() == at::kHalf || grad_out.scalar_type() == at::kBFloat16;
     const double L = static_cast<double>(N) * static_cast<double>(P_out) * static_cast<double>(Q_out);
-    const double crossover = lowp ? kConvLowpBase + kConvLowpPerL / std::max(L, 1.0) : kConvDirectMaxDensity;
+    const double crossover = lowp ? kConvLowpBase + kConvLowpPerSqrtL / std::sqrt(std::max(L, 1.0)) : kConvDirectMaxDensity;
     variant = density < crossover ? 1 : 2;
   }
   if (variant == 1) {
