@@ -312,23 +312,38 @@ def adamw_rows(runner: Runner, dtype: torch.dtype, quick: bool, copy_gbps: float
             GBps=moved / torch_ms / 1e6,
         )
         del opt, twin
-        for backend in backends:
+        labels = list(backends)
+        if device == "cuda" and _backend.native_available(device):
+            labels.insert(1, "cuda/no-device-index-check")  # isolates the async validation kernel
+        for label in labels:
+            backend = label.split("/")[0]
             if backend == "reference" and device == "cuda" and numel > 10_000_000:
                 continue
 
-            def run(backend=backend):
-                with sara_kernels.use_backend(backend), sara_kernels.index_checks(False):
-                    sk.sparse_adamw_(weight, index, base, delta, grad, m, v, step=10.0, lr=1e-4)
+            def run(backend=backend, label=label):
+                check = "off" if label.endswith("no-device-index-check") else None
+                previous = os.environ.get("SARA_KERNELS_CUDA_INDEX_CHECK")
+                if check:
+                    os.environ["SARA_KERNELS_CUDA_INDEX_CHECK"] = check
+                try:
+                    with sara_kernels.use_backend(backend), sara_kernels.index_checks(False):
+                        sk.sparse_adamw_(weight, index, base, delta, grad, m, v, step=10.0, lr=1e-4)
+                finally:
+                    if check:
+                        if previous is None:
+                            os.environ.pop("SARA_KERNELS_CUDA_INDEX_CHECK", None)
+                        else:
+                            os.environ["SARA_KERNELS_CUDA_INDEX_CHECK"] = previous
 
             try:
                 ms = bench_ms(run, device, runner.reps)
             except Exception as exc:
-                runner.record(kind="adamw", shape=shape, variant=backend, ms=None, error=repr(exc)[:300])
+                runner.record(kind="adamw", shape=shape, variant=label, ms=None, error=repr(exc)[:300])
                 continue
             runner.record(
                 kind="adamw",
                 shape=shape,
-                variant=backend,
+                variant=label,
                 ms=ms,
                 density=ADAMW_DENSITY,
                 bytes=moved,
