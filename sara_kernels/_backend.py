@@ -236,6 +236,15 @@ def backends() -> dict:
             info["ops"][device] = {op: select_backend(op, torch.device(device)) for op in OPS}
         except RuntimeError as error:
             info["ops"][device] = {"error": str(error)}
+    try:
+        forced_variant = next(k for k, v in GRAD_VARIANTS.items() if v == sampled_grad_variant())
+    except ValueError as error:  # a bad SARA_KERNELS_GRAD_VARIANT: reported, not raised
+        forced_variant = f"error: {error}"
+    info["grad_variant"] = {
+        "forced": forced_variant,
+        "last": last_grad_variants(),
+        "auto_rules": GRAD_VARIANT_RULES,
+    }
     return info
 
 
@@ -247,6 +256,38 @@ def backends() -> dict:
 #: linear only: the entries' dot products over operands staged in shared memory).
 GRAD_VARIANTS = {"auto": 0, "direct": 1, "gemm": 2, "tiled": 3}
 ENV_GRAD_VARIANT = "SARA_KERNELS_GRAD_VARIANT"
+_SAMPLED_OPS = ("sampled_weight_grad_linear", "sampled_weight_grad_conv2d")
+
+#: What 'auto' picks, per native backend (the measured crossovers live next to the kernels:
+#: csrc/cpu/sampled_grad_*.cpp and csrc/cuda/sampled_grad_*.cu).
+GRAD_VARIANT_RULES = {
+    "cpu": {
+        "sampled_weight_grad_linear": "gemm at >= 12% density over the rows the entries span, else direct",
+        "sampled_weight_grad_conv2d": "gemm at >= 10% density over the output channels the entries span "
+        "(and enough columns per channel), else direct",
+    },
+    "cuda": {
+        "sampled_weight_grad_linear": "tiled below 0.3% density when in_features >= 1024 and every row fits "
+        "shared memory, else gemm",
+        "sampled_weight_grad_conv2d": "fp16/bf16: direct below 0.25% + 0.07 / sqrt(N*P*Q) density, else gemm "
+        "(cuDNN); fp32/fp64: direct below 1.5%, else gemm",
+    },
+}
+
+
+def last_grad_variants() -> dict:
+    """The variant ('direct', 'gemm', 'tiled') each native sampled-gradient op ran last, on any
+    device: what auto picked for the latest call. None before the first call or without the
+    compiled extension."""
+    names = {v: k for k, v in GRAD_VARIANTS.items()}
+    found = {}
+    for op in _SAMPLED_OPS:
+        try:
+            code = int(torch.ops.sara_kernels_C.last_grad_variant(op)) if _native_loaded else -1
+        except (AttributeError, RuntimeError):  # an extension built before this op existed
+            code = -1
+        found[op] = names.get(code) if code > 0 else None
+    return found
 
 
 def sampled_grad_variant() -> int:

@@ -106,12 +106,16 @@ def test_select_ties_and_threshold_rounding(dtype):
     w = (rand(5000, gen=gen) * 3).round().to(dtype)
     w[::97] = float("nan")
     for k in (1, 100, 1234, 4000, 4990, 5000):
-        assert torch.equal(native().select_small_magnitude(w, None, k), reference.select_small_magnitude(w, k=k))
+        assert torch.equal(
+            native().select_small_magnitude(w, None, k), reference.select_small_magnitude(w, k=k)
+        )
     # Values at the threshold rounded to the weight dtype (|w| < threshold compares in that dtype).
     t = 2e-3
     near = t * (1 + torch.arange(-40, 41, dtype=torch.float64) * 2.0**-11)  # neighbours of t in dtype
     w = torch.cat([near, -near, rand(300, dtype=torch.float64, gen=gen) * 4e-3]).to(dtype)
-    assert torch.equal(native().select_small_magnitude(w, t, None), reference.select_small_magnitude(w, threshold=t))
+    assert torch.equal(
+        native().select_small_magnitude(w, t, None), reference.select_small_magnitude(w, threshold=t)
+    )
 
 
 def test_select_errors():
@@ -195,7 +199,9 @@ def test_linear_large_workspace_bound():
 def _conv_case(n, cin, cout, hw, k, stride, padding, dilation, groups, dtype, gen):
     x = rand(n, cin, *hw, dtype=dtype, gen=gen)
     wshape = [cout, cin // groups, *k]
-    y = F.conv2d(x.double(), torch.zeros(wshape, dtype=torch.float64), None, stride, padding, dilation, groups)
+    y = F.conv2d(
+        x.double(), torch.zeros(wshape, dtype=torch.float64), None, stride, padding, dilation, groups
+    )
     g = rand(*y.shape, dtype=dtype, gen=gen)
     return g, x, wshape
 
@@ -216,8 +222,9 @@ def test_conv_geometry_matches_reference(stride, padding, dilation, groups, kern
     gen = torch.Generator().manual_seed(stride * 100 + padding * 10 + dilation)
     cin, cout = (4, 6) if groups != "depthwise" else (6, 12)
     groups = {"g1": 1, "g2": 2, "depthwise": cin}[groups]
-    g, x, wshape = _conv_case(2, cin, cout, (9, 7), kernel, stride, padding, dilation, groups,
-                              torch.float32, gen)
+    g, x, wshape = _conv_case(
+        2, cin, cout, (9, 7), kernel, stride, padding, dilation, groups, torch.float32, gen
+    )
     numel = wshape[0] * wshape[1] * wshape[2] * wshape[3]
     args = ([stride] * 2, [padding] * 2, [dilation] * 2, groups)
     for density in (0.05, 0.5, 1.0):
@@ -252,8 +259,9 @@ def test_conv_dtypes_densities(dtype, n, cin, cout, hw, kernel, stride, padding,
         with sara_kernels.use_backend("cpu"), sara_kernels.use_grad_variant(variant):
             got = sara_kernels.ops.sampled_weight_grad_conv2d(g, x, index, wshape, *args)
         assert got.dtype == want.dtype and got.shape == index.shape
-        torch.testing.assert_close(got, want, **grad_tol(dtype, g[:, 0].numel()),
-                                   msg=lambda m: f"{density} {variant}: {m}")
+        torch.testing.assert_close(
+            got, want, **grad_tol(dtype, g[:, 0].numel()), msg=lambda m: f"{density} {variant}: {m}"
+        )
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float64))
@@ -261,7 +269,11 @@ def test_conv_chunked_paths(dtype, small_workspace):
     """4 KiB workspace: gemm splits output channels, input channels and samples; direct (fp16/bf16)
     converts one sample at a time."""
     gen = torch.Generator().manual_seed(5)
-    for groups, density, index_dtype in ((1, 0.3, torch.int32), (2, 1.0, torch.int64), (1, 0.01, torch.int64)):
+    for groups, density, index_dtype in (
+        (1, 0.3, torch.int32),
+        (2, 1.0, torch.int64),
+        (1, 0.01, torch.int64),
+    ):
         g, x, wshape = _conv_case(3, 8, 10, (7, 7), (3, 3), 1, 1, 1, groups, dtype, gen)
         numel = wshape[0] * wshape[1] * 9
         index = make_index(numel, density, gen, index_dtype)
@@ -305,7 +317,7 @@ def test_sparse_adamw_matches_reference_20_steps(wdtype, index_dtype, maximize, 
     if wdtype == torch.float32:
         torch.testing.assert_close(w_c, w_r, rtol=1e-6, atol=1e-8)
     else:  # (base + delta) rounded to 8 / 11 bits: at most one ulp apart
-        torch.testing.assert_close(w_c.float(), w_r.float(), rtol=2 ** -7, atol=1e-6)
+        torch.testing.assert_close(w_c.float(), w_r.float(), rtol=2**-7, atol=1e-6)
     untouched = torch.ones(weight.numel(), dtype=torch.bool)
     untouched[index.long()] = False
     assert torch.equal(w_c.view(-1)[untouched], weight.view(-1)[untouched])
@@ -355,9 +367,25 @@ def test_opcheck():
         (ops.sampled_weight_grad_linear, (g, x, index, 9, 11, 1)),
         (ops.sampled_weight_grad_linear, (g, x, index, 9, 11, 2)),
         (ops.sampled_weight_grad_conv2d, (gc, xc, cindex, wshape, [1, 1], [1, 1], [1, 1], 2, 0)),
-        (ops.sparse_adamw_, (w.clone(), index, w.view(-1)[index.long()].clone(), torch.zeros(k),
-                             rand(k, gen=gen), torch.zeros(k), torch.zeros(k), 1.0, 1e-3, 0.9, 0.999,
-                             1e-8, 0.01, False)),
+        (
+            ops.sparse_adamw_,
+            (
+                w.clone(),
+                index,
+                w.view(-1)[index.long()].clone(),
+                torch.zeros(k),
+                rand(k, gen=gen),
+                torch.zeros(k),
+                torch.zeros(k),
+                1.0,
+                1e-3,
+                0.9,
+                0.999,
+                1e-8,
+                0.01,
+                False,
+            ),
+        ),
         (ops.scatter_merge_, (w.clone(), index, w.view(-1)[index.long()].clone(), rand(k, gen=gen), 0.5)),
         (ops.restore_, (w.clone(), index, w.view(-1)[index.long()].clone())),
     ]
@@ -367,8 +395,14 @@ def test_opcheck():
 
 def _linear_args(**over):
     gen = torch.Generator().manual_seed(9)
-    args = dict(grad_out=rand(4, 6, gen=gen), x=rand(4, 5, gen=gen),
-                index=torch.tensor([0, 7, 29], dtype=torch.int32), out_features=6, in_features=5, variant=0)
+    args = dict(
+        grad_out=rand(4, 6, gen=gen),
+        x=rand(4, 5, gen=gen),
+        index=torch.tensor([0, 7, 29], dtype=torch.int32),
+        out_features=6,
+        in_features=5,
+        variant=0,
+    )
     args.update(over)
     return list(args.values())
 
@@ -380,7 +414,10 @@ def _linear_args(**over):
         (dict(index=torch.tensor([0.0, 1.0])), "index has dtype Float"),
         (dict(index=torch.tensor([0, 7, 30], dtype=torch.int32)), r"index\[2\] = 30 is out of range"),
         (dict(index=torch.tensor([-1, 7], dtype=torch.int64)), r"index\[0\] = -1 is out of range"),
-        (dict(index=torch.tensor([0, 9, 7], dtype=torch.int32)), "index must be sorted in strictly increasing"),
+        (
+            dict(index=torch.tensor([0, 9, 7], dtype=torch.int32)),
+            "index must be sorted in strictly increasing",
+        ),
         (dict(index=torch.tensor([3, 3], dtype=torch.int32)), "index must be sorted in strictly increasing"),
         (dict(index=torch.tensor([[1, 2]], dtype=torch.int32)), "index must be 1-D"),
         (dict(index=torch.arange(0, 8, 2, dtype=torch.int32)[::2]), "index must be contiguous"),
@@ -421,7 +458,9 @@ def test_conv_bad_input():
     with pytest.raises(RuntimeError, match="grad_out has dtype Half but x has dtype Float"):
         ops.sampled_weight_grad_conv2d(g.half(), x, idx, [6, 4, 3, 3], *conv, 1, 0)
     with pytest.raises(RuntimeError, match="larger than the padded input"):
-        ops.sampled_weight_grad_conv2d(g, x[:, :, :1, :1].contiguous(), idx, [6, 4, 3, 3], [1, 1], [0, 0], [1, 1], 1, 0)
+        ops.sampled_weight_grad_conv2d(
+            g, x[:, :, :1, :1].contiguous(), idx, [6, 4, 3, 3], [1, 1], [0, 0], [1, 1], 1, 0
+        )
 
 
 def test_inplace_bad_input():
@@ -459,3 +498,36 @@ def test_inplace_bad_input():
     with pytest.raises(RuntimeError, match="out of range"):  # nothing written on a bad index
         ops.sparse_adamw_(w, torch.tensor([1, 3, 20]), base, z.clone(), d, z.clone(), z.clone(), *hp)
     assert torch.equal(w, before)
+
+
+def test_backends_reports_the_variant_each_sampled_gradient_ran():
+    # sara_kernels.backends() says which algorithm auto picked for the latest call of each op,
+    # which variant is forced, and the auto rules.
+    gen = torch.Generator().manual_seed(60)
+    g, x = rand(64, 40, gen=gen), rand(64, 50, gen=gen)
+    sparse = make_index(40 * 50, 0.01, gen)  # below the CPU gemm crossover (12%)
+    dense = make_index(40 * 50, 0.5, gen)
+    gc, xc = rand(2, 8, 6, 6, gen=gen), rand(2, 8, 6, 6, gen=gen)
+    csparse, cdense = make_index(8 * 8 * 9, 0.01, gen), make_index(8 * 8 * 9, 0.6, gen)
+
+    def last():
+        return sara_kernels.backends()["grad_variant"]["last"]
+
+    with sara_kernels.use_backend("cpu"):
+        sara_kernels.ops.sampled_weight_grad_linear(g, x, sparse, 40, 50)
+        assert last()["sampled_weight_grad_linear"] == "direct"
+        sara_kernels.ops.sampled_weight_grad_linear(g, x, dense, 40, 50)
+        assert last()["sampled_weight_grad_linear"] == "gemm"
+        sara_kernels.ops.sampled_weight_grad_conv2d(gc, xc, csparse, [8, 8, 3, 3], 1, 1, 1, 1)
+        assert last()["sampled_weight_grad_conv2d"] == "direct"
+        sara_kernels.ops.sampled_weight_grad_conv2d(gc, xc, cdense, [8, 8, 3, 3], 1, 1, 1, 1)
+        assert last()["sampled_weight_grad_conv2d"] == "gemm"
+        with sara_kernels.use_grad_variant("direct"):
+            assert sara_kernels.backends()["grad_variant"]["forced"] == "direct"
+            sara_kernels.ops.sampled_weight_grad_linear(g, x, dense, 40, 50)
+            assert last()["sampled_weight_grad_linear"] == "direct"
+    info = sara_kernels.backends()["grad_variant"]
+    assert info["forced"] == "auto"
+    assert set(info["auto_rules"]) == {"cpu", "cuda"}
+    with pytest.raises(ValueError, match="op must be"):
+        native().last_grad_variant("select_small_magnitude")

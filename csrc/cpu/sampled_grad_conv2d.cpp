@@ -27,6 +27,7 @@
 //   crossover measured with benchmarks/bench_cpu_kernels.py (kGemmDensity below), direct for
 //   depthwise-like layers (kGemmMinCols).
 #include "common.h"
+#include "variant_log.h"
 
 #include <vector>
 
@@ -291,6 +292,7 @@ at::Tensor sampled_weight_grad_conv2d_cpu(const at::Tensor& grad_out,  // [N, O,
       const double density = static_cast<double>(k) / static_cast<double>(channels * Kc);
       v = (density >= kGemmDensity && Kc >= kGemmMinCols) ? 2 : 1;
     }
+    sara_kernels_log::record_grad_variant(sara_kernels_log::kConv2d, v);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), kOp, [&] {
       if (v == 1) {
         grad_direct<scalar_t, index_t>(grad_out, x, idx, k, g, result);

@@ -19,6 +19,7 @@
 // auto (0): gemm when the density of the selected entries over the row span they cover exceeds a
 //   crossover measured with benchmarks/bench_cpu_kernels.py (see kGemmDensity below).
 #include "common.h"
+#include "variant_log.h"
 
 #include <vector>
 
@@ -204,6 +205,7 @@ at::Tensor sampled_weight_grad_linear_cpu(const at::Tensor& grad_out,  // [N, ou
       const double density = static_cast<double>(k) / static_cast<double>(rows * in_features);
       v = density >= kGemmDensity ? 2 : 1;
     }
+    sara_kernels_log::record_grad_variant(sara_kernels_log::kLinear, v);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), kOp, [&] {
       if (v == 1) {
         grad_direct<scalar_t, index_t>(grad_out, x, idx, k, out_features, in_features, result);

@@ -19,6 +19,7 @@
 //   the per-sample buffers (columns, x and dy chunks) of a sample chunk <= / 2.
 // variant 0 (auto): direct below the crossover density (k / weight numel; see below), gemm above.
 #include "common.cuh"
+#include "variant_log.h"
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/convolution_backward.h>
@@ -337,6 +338,7 @@ at::Tensor sampled_weight_grad_conv2d_cuda(const at::Tensor& grad_out, const at:
     const double crossover = lowp ? kConvLowpBase + kConvLowpPerSqrtL / std::sqrt(std::max(L, 1.0)) : kConvDirectMaxDensity;
     variant = density < crossover ? 1 : 2;
   }
+  sara_kernels_log::record_grad_variant(sara_kernels_log::kConv2d, variant);
   if (variant == 1) {
     conv_direct(grad_out, x, index, s, out);
   } else if (grad_out.scalar_type() == at::kHalf || grad_out.scalar_type() == at::kBFloat16) {

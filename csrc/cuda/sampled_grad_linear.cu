@@ -16,6 +16,7 @@
 //   shared memory, so global memory is read once per group of entries instead of once per entry.
 // variant 0 (auto): tiled below kLinearTiledMaxDensity (k / (out * in)) on wide layers, gemm otherwise.
 #include "common.cuh"
+#include "variant_log.h"
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
@@ -493,6 +494,7 @@ at::Tensor sampled_weight_grad_linear_cuda(const at::Tensor& grad_out, const at:
                   ? 3
                   : 2;
   }
+  sara_kernels_log::record_grad_variant(sara_kernels_log::kLinear, variant);
   if (variant == 1) {
     linear_direct(grad_out, x, index, out_features, in_features, out);
   } else if (variant == 3) {
