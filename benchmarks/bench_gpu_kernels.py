@@ -16,7 +16,8 @@ Rows:
   adamw     sparse_adamw_ over k = 5.8% of a 1280x1280 weight and of an 860M-entry weight.
 Each sampled-gradient row is timed at densities 0.1%, 0.6%, 2.3%, 5.8% and 20% (uniformly random
 sorted entries, int32 indices) for every variant the device has: the native kernel's direct, gemm
-and auto (what the library picks), and Triton's. The dense baseline is what autograd computes for
+and auto (what the library picks), and the Triton backend's (its kernel, its dense-GEMM path and
+auto). The dense baseline is what autograd computes for
 the dense weight in the same dtype (cuBLAS g^T x; cuDNN's convolution weight gradient).
 
 Timing: medians of triton.testing.do_bench (CUDA events, L2 flushed between repeats) on CUDA;
@@ -103,7 +104,7 @@ def variants(device: str) -> list[tuple[str, str, str]]:
     if _backend.native_available(device):
         found += [(f"{device}/{v}", device, v) for v in ("direct", "gemm", "auto")]
     if _backend.triton_available(device) and not (device == "cpu" and _backend.triton_interpret()):
-        found.append(("triton", "triton", "auto"))
+        found += [(f"triton/{v}", "triton", v) for v in ("direct", "gemm", "auto")]
     if not found:
         found.append(("reference", "reference", "auto"))
     return found

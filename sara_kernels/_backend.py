@@ -252,8 +252,9 @@ def backends() -> dict:
 # Sampled-gradient variant (native backends): which algorithm computes the selected entries
 # ---------------------------------------------------------------------------------------------
 #: 0 = auto (by density and shape), 1 = direct (one dot product per selected entry, no dense
-#: workspace), 2 = gemm (dense GEMM over bounded chunks of rows, then gather), 3 = tiled (CUDA,
-#: linear only: the entries' dot products over operands staged in shared memory).
+#: workspace; on the Triton backend its kernel), 2 = gemm (dense GEMM over bounded chunks of rows,
+#: then gather), 3 = tiled (CUDA native, linear only: the entries' dot products over operands
+#: staged in shared memory).
 GRAD_VARIANTS = {"auto": 0, "direct": 1, "gemm": 2, "tiled": 3}
 ENV_GRAD_VARIANT = "SARA_KERNELS_GRAD_VARIANT"
 _SAMPLED_OPS = ("sampled_weight_grad_linear", "sampled_weight_grad_conv2d")
@@ -271,6 +272,11 @@ GRAD_VARIANT_RULES = {
         "shared memory, else gemm",
         "sampled_weight_grad_conv2d": "fp16/bf16: direct below 0.25% + 0.07 / sqrt(N*P*Q) density, else gemm "
         "(cuDNN); fp32/fp64: direct below 1.5%, else gemm",
+    },
+    "triton": {
+        "sampled_weight_grad_linear": "gemm (cuBLAS over bounded row chunks, then a gather)",
+        "sampled_weight_grad_conv2d": "direct (the Triton kernel) below 0.1% + 0.07 / sqrt(N*P*Q) density, "
+        "else gemm (the dense weight gradient, then a gather)",
     },
 }
 

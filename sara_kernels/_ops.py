@@ -159,7 +159,7 @@ def _run_sampled_weight_grad_linear(grad_out, x, index, out_features, in_feature
     g = grad_out.reshape(-1, out_features).contiguous()
     xx = x.reshape(-1, in_features).contiguous()
     if backend == "triton":
-        return _triton(op)(g, xx, index, out_features, in_features)
+        return _triton(op)(g, xx, index, out_features, in_features, variant=_backend.sampled_grad_variant())
     return _native(op)(g, xx, index, out_features, in_features, _backend.sampled_grad_variant())
 
 
@@ -213,7 +213,7 @@ def _run_sampled_weight_grad_conv2d(grad_out, x, index, weight_shape, stride, pa
         return reference.sampled_weight_grad_conv2d(grad_out, x, index, *args)
     g, xx = grad_out.contiguous(), x.contiguous()
     if backend == "triton":
-        return _triton(op)(g, xx, index, *args)
+        return _triton(op)(g, xx, index, *args, variant=_backend.sampled_grad_variant())
     return _native(op)(g, xx, index, *args, _backend.sampled_grad_variant())
 
 

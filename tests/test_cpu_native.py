@@ -528,6 +528,6 @@ def test_backends_reports_the_variant_each_sampled_gradient_ran():
             assert last()["sampled_weight_grad_linear"] == "direct"
     info = sara_kernels.backends()["grad_variant"]
     assert info["forced"] == "auto"
-    assert set(info["auto_rules"]) == {"cpu", "cuda"}
+    assert set(info["auto_rules"]) == {"cpu", "cuda", "triton"}
     with pytest.raises(ValueError, match="op must be"):
         native().last_grad_variant("select_small_magnitude")

@@ -40,6 +40,8 @@ else:  # pragma: no cover
 ops = torch.ops.sara_kernels
 GRAD_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 DENSITIES = [0.0, "one", 0.001, 0.05, 0.5, 1.0]
+# The Triton kernel ("direct") and the dense-GEMM-then-gather path ("gemm") of the backend.
+GRAD_VARIANTS = ("direct", "gemm")
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -69,12 +71,15 @@ def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _assert_grad_close(got, want, bound, acc):
+def _assert_grad_close(got, want, bound, acc, rounded_to=None):
     """|got - want| <= tol * bound, with bound = sum of |products| per entry (the error scale of a
-    sum regardless of cancellation); tol is a few hundred units in the last place of ``acc``."""
+    sum regardless of cancellation); tol is a few hundred units in the last place of ``acc``, or
+    half an ulp of ``rounded_to`` when each entry was rounded once to that dtype."""
     assert got.dtype == acc, (got.dtype, acc)
     assert got.shape == want.shape, (got.shape, want.shape)
     tol = 1e-5 if acc == torch.float32 else 1e-13
+    if rounded_to is not None:
+        tol += float(torch.finfo(rounded_to).eps)
     err = (got.double() - want.double()).abs()
     limit = tol * bound.double() + 1e-30
     bad = err > limit
@@ -108,24 +113,26 @@ LINEAR_SHAPES = [
 ]
 
 
+@pytest.mark.parametrize("variant", GRAD_VARIANTS)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", GRAD_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=str)
-def test_linear_grad_matches_reference(shape, dtype, device):
+def test_linear_grad_matches_reference(shape, dtype, device, variant):
     out_features, in_features, lead = shape
     g, x, index, want, bound = _linear_case(out_features, in_features, lead, 0.05, dtype, device, 1)
-    with sara_kernels.use_backend("triton"):
+    with sara_kernels.use_backend("triton"), sara_kernels.use_grad_variant(variant):
         got = ops.sampled_weight_grad_linear(g, x, index, out_features, in_features)
     assert _ops.last_backend["sampled_weight_grad_linear"] == "triton"
     _assert_grad_close(got, want, bound, _acc(dtype))
 
 
+@pytest.mark.parametrize("variant", GRAD_VARIANTS)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=str)
 @pytest.mark.parametrize("density", DENSITIES, ids=str)
-def test_linear_grad_densities(density, index_dtype, device):
+def test_linear_grad_densities(density, index_dtype, device, variant):
     g, x, index, want, bound = _linear_case(33, 19, (4, 17), density, torch.float32, device, 2, index_dtype)
-    with sara_kernels.use_backend("triton"):
+    with sara_kernels.use_backend("triton"), sara_kernels.use_grad_variant(variant):
         got = ops.sampled_weight_grad_linear(g, x, index, 33, 19)
     _assert_grad_close(got, want, bound, torch.float32)
 
@@ -136,7 +143,7 @@ def test_linear_grad_densities(density, index_dtype, device):
 def test_linear_grad_split_reduction(splits, dtype, device):
     """The launcher's N-split path (partial sums per split, summed after) gives the same result."""
     g, x, index, want, bound = _linear_case(9, 14, (300,), 0.3, dtype, device, 3)
-    got = st.sampled_weight_grad_linear(g, x, index, 9, 14, splits=splits)
+    got = st.sampled_weight_grad_linear(g, x, index, 9, 14, splits=splits, variant=1)
     _assert_grad_close(got, want, bound, _acc(dtype))
 
 
@@ -212,24 +219,28 @@ def _conv_case(case, density, dtype, device, seed, index_dtype=torch.int64):
     return dy, x, index, args, want, bound
 
 
+@pytest.mark.parametrize("variant", GRAD_VARIANTS)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", GRAD_DTYPES, ids=str)
 @pytest.mark.parametrize("case", range(len(CONV_CASES)))
-def test_conv_grad_matches_reference(case, dtype, device):
+def test_conv_grad_matches_reference(case, dtype, device, variant):
     dy, x, index, args, want, bound = _conv_case(CONV_CASES[case], 0.5, dtype, device, 10 + case)
-    with sara_kernels.use_backend("triton"):
+    with sara_kernels.use_backend("triton"), sara_kernels.use_grad_variant(variant):
         got = ops.sampled_weight_grad_conv2d(dy, x, index, *args)
     assert _ops.last_backend["sampled_weight_grad_conv2d"] == "triton"
-    _assert_grad_close(got, want, bound, _acc(dtype))
+    # On CUDA the gemm variant takes cuDNN's fp16/bf16 gradient: each entry rounded once.
+    lowp = device == "cuda" and variant == "gemm" and dtype in (torch.float16, torch.bfloat16)
+    _assert_grad_close(got, want, bound, _acc(dtype), rounded_to=dtype if lowp else None)
 
 
+@pytest.mark.parametrize("variant", GRAD_VARIANTS)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=str)
 @pytest.mark.parametrize("density", DENSITIES, ids=str)
-def test_conv_grad_densities(density, index_dtype, device):
+def test_conv_grad_densities(density, index_dtype, device, variant):
     case = (2, 6, 5, 6, 8, 2, 3, 3, (1, 2), (1, 1), (1, 1))
     dy, x, index, args, want, bound = _conv_case(case, density, torch.float32, device, 20, index_dtype)
-    with sara_kernels.use_backend("triton"):
+    with sara_kernels.use_backend("triton"), sara_kernels.use_grad_variant(variant):
         got = ops.sampled_weight_grad_conv2d(dy, x, index, *args)
     _assert_grad_close(got, want, bound, torch.float32)
 
@@ -239,7 +250,7 @@ def test_conv_grad_densities(density, index_dtype, device):
 def test_conv_grad_split_reduction(splits, device):
     case = (4, 4, 9, 8, 4, 2, 3, 3, (1, 1), (1, 1), (1, 1))  # N*P*Q = 288 > 2 chunks of 128
     dy, x, index, args, want, bound = _conv_case(case, 0.5, torch.float32, device, 30)
-    got = st.sampled_weight_grad_conv2d(dy, x, index, *args, splits=splits)
+    got = st.sampled_weight_grad_conv2d(dy, x, index, *args, splits=splits, variant=1)
     _assert_grad_close(got, want, bound, torch.float32)
 
 
@@ -458,3 +469,22 @@ def test_opcheck(op, device):
     with sara_kernels.use_backend("triton"):
         torch.library.opcheck(getattr(ops, op), args, kwargs)
         assert _ops.last_backend[op] == "triton"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_auto_takes_the_kernel_for_sparse_convs_and_gemm_above(device):
+    # Conv: the Triton kernel below the fitted crossover density, the dense-gradient path above
+    # (the results agree either way); linear: gemm. 'tiled' is not a Triton variant.
+    case = (2, 6, 5, 6, 8, 1, 3, 3, (1, 1), (1, 1), (1, 1))
+    for density in (0.005, 0.6):
+        dy, x, index, args, want, bound = _conv_case(case, density, torch.float32, device, 30)
+        with sara_kernels.use_backend("triton"):
+            got = ops.sampled_weight_grad_conv2d(dy, x, index, *args)
+        _assert_grad_close(got, want, bound, torch.float32)
+    numel, L = 8 * 6 * 9, 2 * 5 * 6
+    crossover = st.sampled_grad.CONV_DIRECT_BASE + st.sampled_grad.CONV_DIRECT_PER_SQRT_L / math.sqrt(L)
+    assert 0.005 < crossover < 0.6 and numel == 432  # so the two densities above took both paths
+    g, x, index, want, bound = _linear_case(9, 14, (6,), 0.2, torch.float32, device, 31)
+    with sara_kernels.use_backend("triton"), sara_kernels.use_grad_variant("tiled"):
+        with pytest.raises(ValueError, match="not a Triton variant"):
+            ops.sampled_weight_grad_linear(g, x, index, 9, 14)

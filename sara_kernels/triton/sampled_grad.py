@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 
 import torch
 import triton
@@ -134,19 +135,17 @@ def _sampled_grad_linear_kernel(
     tl.store(out_ptr + pid_s.to(tl.int64) * k + offs_k, result, mask=mask_k)
 
 
-def sampled_weight_grad_linear(
+def _linear_direct(
     grad_out: torch.Tensor,
     x: torch.Tensor,
     index: torch.Tensor,
     out_features: int,
     in_features: int,
-    *,
     splits: int | None = None,
 ) -> torch.Tensor:
-    """grad_out: [N, out], x: [N, in], index: [k] -> [k] (fp32, or fp64 for fp64 inputs).
-
-    ``splits`` forces the number of reduction splits (tests); by default it is chosen to fill the GPU.
-    """
+    """The Triton kernel: grad_out: [N, out], x: [N, in], index: [k] -> [k] (fp32, or fp64 for fp64
+    inputs). ``splits`` forces the number of reduction splits (tests); by default it is chosen to
+    fill the GPU."""
     acc = _acc_dtype(x)
     k = index.numel()
     N = x.shape[0]
@@ -267,7 +266,7 @@ def _sampled_grad_conv2d_kernel(
     tl.store(out_ptr + pid_s.to(tl.int64) * k + offs_k, result, mask=mask_k)
 
 
-def sampled_weight_grad_conv2d(
+def _conv2d_direct(
     grad_out: torch.Tensor,
     x: torch.Tensor,
     index: torch.Tensor,
@@ -276,10 +275,10 @@ def sampled_weight_grad_conv2d(
     padding,
     dilation,
     groups: int,
-    *,
     splits: int | None = None,
 ) -> torch.Tensor:
-    """grad_out: [N, O, P, Q], x: [N, C, H, W], index: [k] -> [k] entries of the conv2d weight gradient."""
+    """The Triton kernel: grad_out: [N, O, P, Q], x: [N, C, H, W], index: [k] -> [k] entries of the
+    conv2d weight gradient."""
     acc = _acc_dtype(x)
     k = index.numel()
     N, C, H, W = x.shape
@@ -326,3 +325,178 @@ def sampled_weight_grad_conv2d(
             num_warps=NUM_WARPS,
         )
     return _finish(out, splits)
+
+
+# ---------------------------------------------------------------------------------------------
+# gemm variant and the backend's dispatch
+# ---------------------------------------------------------------------------------------------
+#: Bound of the dense gradient chunk the gemm variant forms (bytes), as the native backends'.
+WORKSPACE_BYTES = 64 << 20
+#: Conv auto rule: the Triton kernel below CONV_DIRECT_BASE + CONV_DIRECT_PER_SQRT_L / sqrt(N*P*Q)
+#: density, the gemm variant above. Fitted to an H200 run (bf16, SD1.5 layers,
+#: benchmarks/results/gpu_kernels_h200.json: the kernel was 0.13-0.93x the dense cuDNN gradient at
+#: 0.1% and crossed the gemm variant at ~0.1-0.3% for N*P*Q >= 512, ~0.7-1.2% for 64-256). For
+#: linear the kernel never beat the GEMM there (2.3-3.6x dense at 0.1%): auto always takes gemm.
+CONV_DIRECT_BASE = 0.001
+CONV_DIRECT_PER_SQRT_L = 0.07
+
+
+def _mm_acc(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """a @ b with an fp32 (fp64) result and fp32 (fp64) accumulation.
+
+    fp16/bf16 on CUDA: tensor cores with an fp32 result (``out_dtype``, PyTorch >= 2.9); else the
+    operands are upcast (their values are exact in fp32, and in TF32 too). fp32 operands follow
+    ``torch.backends.cuda.matmul.allow_tf32`` like the dense gradient of the same layer would.
+    """
+    if a.dtype in (torch.float16, torch.bfloat16) and a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=acc)
+        except (TypeError, RuntimeError):
+            pass
+    return torch.mm(a.to(acc), b.to(acc))
+
+
+def _chunk_bounds(
+    index: torch.Tensor, rows: int, per_row: int, chunk_rows: int
+) -> list[tuple[int, int, int]]:
+    """(first row, entry start, entry end) of each chunk of ``chunk_rows`` rows that holds entries
+    (index sorted). One chunk needs no host sync."""
+    if chunk_rows >= rows:
+        return [(0, 0, index.numel())]
+    starts = torch.arange(0, rows + chunk_rows, chunk_rows, device=index.device).clamp_max(rows) * per_row
+    cuts = torch.searchsorted(index.to(torch.int64), starts).tolist()
+    return [
+        (r0, a, b) for r0, a, b in zip(range(0, rows, chunk_rows), cuts[:-1], cuts[1:], strict=False) if b > a
+    ]
+
+
+def _linear_gemm(grad_out, x, index, out_features, in_features):
+    """The dense gradient in chunks of output rows (cuBLAS), then a gather of the entries."""
+    acc = _acc_dtype(x)
+    k = index.numel()
+    out = torch.empty(k, dtype=acc, device=x.device)
+    chunk_rows = max(1, WORKSPACE_BYTES // (torch.finfo(acc).bits // 8 * in_features))
+    flat = index.to(torch.int64)
+    for r0, a, b in _chunk_bounds(index, out_features, in_features, chunk_rows):
+        r1 = min(out_features, r0 + chunk_rows)
+        dense = _mm_acc(grad_out[:, r0:r1].t(), x, acc)  # [rows, in]
+        out[a:b] = dense.reshape(-1)[flat[a:b] - r0 * in_features]
+    return out
+
+
+def _conv2d_gemm(grad_out, x, index, weight_shape, stride, padding, dilation, groups):
+    """The dense weight gradient (cuDNN / oneDNN through aten.convolution_backward), in chunks of
+    output channels when it exceeds the workspace bound, then a gather. fp16/bf16 on CUDA stay in
+    their dtype (fp32 accumulation, each entry rounded once, like the dense gradient); elsewhere the
+    inputs are upcast (exact fp32 sums, no TF32)."""
+    acc = _acc_dtype(x)
+    k = index.numel()
+    O, Cg, KH, KW = (int(s) for s in weight_shape)
+    lowp = x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+    dtype = x.dtype if lowp else acc
+    xx = x if lowp else x.to(acc)
+    gg = grad_out if lowp else grad_out.to(acc)
+    per_row = Cg * KH * KW
+    chunk_rows = O if groups > 1 else max(1, WORKSPACE_BYTES // (torch.finfo(dtype).bits // 8 * per_row))
+    out = torch.empty(k, dtype=acc, device=x.device)
+    flat = index.to(torch.int64)
+    for r0, a, b in _chunk_bounds(index, O, per_row, chunk_rows):
+        r1 = min(O, r0 + chunk_rows)
+        shape_only = torch.empty((r1 - r0, Cg, KH, KW), dtype=dtype, device=x.device)
+        with torch.backends.cudnn.flags(
+            enabled=torch.backends.cudnn.enabled,
+            benchmark=torch.backends.cudnn.benchmark,
+            deterministic=torch.backends.cudnn.deterministic,
+            allow_tf32=False,
+        ):
+            dense = torch.ops.aten.convolution_backward(
+                gg[:, r0:r1] if chunk_rows < O else gg,
+                xx,
+                shape_only,
+                None,
+                [int(v) for v in stride],
+                [int(v) for v in padding],
+                [int(v) for v in dilation],
+                False,
+                [0, 0],
+                groups,
+                [False, True, False],
+            )[1]
+        out[a:b] = dense.reshape(-1)[flat[a:b] - r0 * per_row].to(acc)
+    return out
+
+
+def _variant_name(variant: int) -> str:
+    return {0: "auto", 1: "direct", 2: "gemm", 3: "tiled"}.get(variant, str(variant))
+
+
+def sampled_weight_grad_linear(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    index: torch.Tensor,
+    out_features: int,
+    in_features: int,
+    *,
+    splits: int | None = None,
+    variant: int = 0,
+) -> torch.Tensor:
+    """grad_out: [N, out], x: [N, in], index: [k] -> [k] (fp32, or fp64 for fp64 inputs).
+
+    ``variant``: 0 auto (gemm), 1 direct (the Triton kernel), 2 gemm (cuBLAS over bounded row
+    chunks, then a gather). ``splits`` forces the kernel's reduction splits (tests).
+    """
+    if variant not in (0, 1, 2):
+        raise ValueError(
+            f"sara_kernels.sampled_weight_grad_linear: variant '{_variant_name(variant)}' is not a Triton "
+            "variant; use auto, direct or gemm"
+        )
+    if index.numel() == 0 or x.shape[0] == 0:
+        return torch.zeros(index.numel(), dtype=_acc_dtype(x), device=x.device)
+    if variant == 1:
+        return _linear_direct(grad_out, x, index, out_features, in_features, splits)
+    return _linear_gemm(grad_out.contiguous(), x.contiguous(), index.contiguous(), out_features, in_features)
+
+
+def sampled_weight_grad_conv2d(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    index: torch.Tensor,
+    weight_shape,
+    stride,
+    padding,
+    dilation,
+    groups: int,
+    *,
+    splits: int | None = None,
+    variant: int = 0,
+) -> torch.Tensor:
+    """grad_out: [N, O, P, Q], x: [N, C, H, W], index: [k] -> [k] entries of the conv2d weight gradient.
+
+    ``variant``: 0 auto (the kernel below the fitted crossover density, gemm above), 1 direct (the
+    Triton kernel), 2 gemm (the dense weight gradient, then a gather).
+    """
+    if variant not in (0, 1, 2):
+        raise ValueError(
+            f"sara_kernels.sampled_weight_grad_conv2d: variant '{_variant_name(variant)}' is not a Triton "
+            "variant; use auto, direct or gemm"
+        )
+    k = index.numel()
+    N, P, Q = grad_out.shape[0], grad_out.shape[2], grad_out.shape[3]
+    if k == 0 or N * P * Q == 0:
+        return torch.zeros(k, dtype=_acc_dtype(x), device=x.device)
+    if variant == 0:
+        numel = math.prod(int(s) for s in weight_shape)
+        crossover = CONV_DIRECT_BASE + CONV_DIRECT_PER_SQRT_L / math.sqrt(N * P * Q)
+        variant = 1 if k / numel < crossover else 2
+    if variant == 1:
+        return _conv2d_direct(grad_out, x, index, weight_shape, stride, padding, dilation, groups, splits)
+    return _conv2d_gemm(
+        grad_out.contiguous(),
+        x.contiguous(),
+        index.contiguous(),
+        weight_shape,
+        stride,
+        padding,
+        dilation,
+        groups,
+    )
