@@ -426,8 +426,13 @@ def _conv2d_gemm(grad_out, x, index, weight_shape, stride, padding, dilation, gr
     return out
 
 
-def _variant_name(variant: int) -> str:
-    return {0: "auto", 1: "direct", 2: "gemm", 3: "tiled"}.get(variant, str(variant))
+def _check_variant(op: str, variant: int) -> None:
+    """The Triton backend has auto (0), direct (1) and gemm (2); anything else is an error naming it."""
+    if variant not in (0, 1, 2):
+        name = {3: "tiled"}.get(variant, str(variant))
+        raise ValueError(
+            f"sara_kernels.{op}: variant '{name}' is not a Triton variant; use auto, direct or gemm"
+        )
 
 
 def sampled_weight_grad_linear(
@@ -445,11 +450,7 @@ def sampled_weight_grad_linear(
     ``variant``: 0 auto (gemm), 1 direct (the Triton kernel), 2 gemm (cuBLAS over bounded row
     chunks, then a gather). ``splits`` forces the kernel's reduction splits (tests).
     """
-    if variant not in (0, 1, 2):
-        raise ValueError(
-            f"sara_kernels.sampled_weight_grad_linear: variant '{_variant_name(variant)}' is not a Triton "
-            "variant; use auto, direct or gemm"
-        )
+    _check_variant("sampled_weight_grad_linear", variant)
     if index.numel() == 0 or x.shape[0] == 0:
         return torch.zeros(index.numel(), dtype=_acc_dtype(x), device=x.device)
     if variant == 1:
@@ -475,11 +476,7 @@ def sampled_weight_grad_conv2d(
     ``variant``: 0 auto (the kernel below the fitted crossover density, gemm above), 1 direct (the
     Triton kernel), 2 gemm (the dense weight gradient, then a gather).
     """
-    if variant not in (0, 1, 2):
-        raise ValueError(
-            f"sara_kernels.sampled_weight_grad_conv2d: variant '{_variant_name(variant)}' is not a Triton "
-            "variant; use auto, direct or gemm"
-        )
+    _check_variant("sampled_weight_grad_conv2d", variant)
     k = index.numel()
     N, P, Q = grad_out.shape[0], grad_out.shape[2], grad_out.shape[3]
     if k == 0 or N * P * Q == 0:
