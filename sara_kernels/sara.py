@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -399,6 +400,10 @@ class ReselectionSummary:
         )
 
 
+#: :func:`reselect_` warns when it keeps fewer than this share of the trained entries.
+RESELECT_WARN_SHARE = 0.1
+
+
 @torch.no_grad()
 def reselect_(
     model: nn.Module,
@@ -417,6 +422,9 @@ def reselect_(
         threshold: θ for the rule (default: the threshold each layer was selected with).
         reset_state: reset the moments instead (the official code's behaviour; default from
             ``model.sara_config.reset_state_on_reselect``).
+
+    Warns (``UserWarning``) when it keeps fewer than ``RESELECT_WARN_SHARE`` (10%) of the
+    entries: then the second stage trains almost nothing.
 
     Returns:
         A :class:`ReselectionSummary`. Deltas keep their identity (the optimizer's param groups
@@ -484,6 +492,18 @@ def reselect_(
         kept_total += kept
         frozen_total += frozen
         mark_merged(delta)
+    total = kept_total + frozen_total
+    if total and kept_total < RESELECT_WARN_SHARE * total:
+        theta = threshold if threshold is not None else "each layer's selection threshold"
+        warnings.warn(
+            f"reselect_: only {kept_total} of {total} trained entries ({kept_total / total:.1%}) are still "
+            f"below the threshold ({theta}) and stay trainable; the other {frozen_total} are frozen with "
+            "their learned delta. The first stage moved almost every entry past the threshold, which "
+            "happens when the learning rate is large next to it (the paper ties the two: "
+            "paper_learning_rate). In a short run, re-select later (ProgressiveReselection(at=...)) "
+            "or not at all.",
+            stacklevel=3,  # the caller of reselect_ (through torch.no_grad's wrapper)
+        )
     return ReselectionSummary(kept_total, frozen_total, per_layer)
 
 

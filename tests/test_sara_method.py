@@ -8,6 +8,7 @@ import copy
 import io
 import math
 import re
+import warnings
 
 import pytest
 import torch
@@ -614,6 +615,23 @@ def test_reselect_survivors_frozen_moments_and_adapter():
         assert torch.equal(
             layer.weight.detach().reshape(-1)[layer.sparse_frozen_index.long()], frozen_values[n]
         )
+
+
+def test_reselect_warns_when_it_freezes_almost_everything():
+    # Learning rate far above the threshold: one stage moves (nearly) every entry past it.
+    net, opt, _, _ = _trained(theta=0.02, steps=6, lr=0.2)
+    with pytest.warns(
+        UserWarning, match=r"reselect_: only \d+ of \d+ trained entries .*paper_learning_rate"
+    ) as record:
+        summary = sk.reselect_(net, opt)
+    assert summary.kept < sk.sara.RESELECT_WARN_SHARE * (summary.kept + summary.frozen)
+    assert f"the other {summary.frozen} are frozen" in str(record[0].message)
+    # A re-selection that keeps most entries says nothing.
+    net, opt, _, _ = _trained(theta=0.02, steps=2, lr=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        summary = sk.reselect_(net, opt)
+    assert summary.kept >= sk.sara.RESELECT_WARN_SHARE * (summary.kept + summary.frozen)
 
 
 @pytest.mark.parametrize("via", ["argument", "config"])
