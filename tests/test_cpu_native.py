@@ -463,6 +463,47 @@ def test_conv_bad_input():
         )
 
 
+def test_error_messages_spell_numbers_and_shapes():
+    """The messages format numbers and shapes themselves (csrc/message.h), as the stream would."""
+    ops = native()
+    with pytest.raises(RuntimeError, match=r"x has shape \[4, 6\] but in_features=5$"):
+        ops.sampled_weight_grad_linear(*_linear_args(x=torch.randn(4, 6)))
+    x, g = torch.randn(2, 4, 5, 5), torch.randn(2, 6, 5, 5)
+    idx = torch.tensor([0, 5], dtype=torch.int32)
+    want = (
+        r"grad_out has shape \[2, 6, 4, 5\] but the convolution of x \[2, 4, 5, 5\] with weight_shape "
+        r"\[6, 4, 3, 3\] gives \[2, 6, 5, 5\]$"
+    )
+    with pytest.raises(RuntimeError, match=want):
+        ops.sampled_weight_grad_conv2d(
+            torch.randn(2, 6, 4, 5), x, idx, [6, 4, 3, 3], [1, 1], [1, 1], [1, 1], 1, 0
+        )
+    want = r"the kernel \[3, 3\] \(dilation \[1, 1\]\) is larger than the padded input \[1, 1\] \(padding \[0, 0\]\)"
+    with pytest.raises(RuntimeError, match=want):
+        ops.sampled_weight_grad_conv2d(
+            g, x[:, :, :1, :1].contiguous(), idx, [6, 4, 3, 3], [1, 1], [0, 0], [1, 1], 1, 0
+        )
+    w, index = torch.randn(4, 5), torch.tensor([1, 3, 19], dtype=torch.int32)
+    base, z = torch.randn(3), torch.zeros(3)
+
+    def adamw(step=1.0, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
+        state = [z.clone() for _ in range(4)]
+        ops.sparse_adamw_(w, index, base, *state, step, lr, beta1, beta2, eps, weight_decay, False)
+
+    with pytest.raises(RuntimeError, match=r"got \(0\.95, 1\.5\)$"):
+        adamw(beta1=0.95, beta2=1.5)
+    with pytest.raises(
+        RuntimeError, match=r"lr=-0\.001, eps=1e-08 and weight_decay=0\.25 must be non-negative"
+    ):
+        adamw(lr=-1e-3, weight_decay=0.25)
+    with pytest.raises(RuntimeError, match=r"step must be >= 1 \(AdamW counts from 1\), got 0\.5$"):
+        adamw(step=0.5)
+    with pytest.raises(RuntimeError, match=r"k=-3 must lie in \[0, 20\]"):
+        ops.select_small_magnitude(w, None, -3)
+    with pytest.raises(RuntimeError, match=r"index\[3\] = 7 and index\[4\] = 7"):
+        ops.restore_(torch.randn(3, 4), torch.tensor([0, 1, 2, 7, 7]), torch.randn(5))
+
+
 def test_inplace_bad_input():
     ops = native()
     w = torch.randn(4, 5)

@@ -20,7 +20,13 @@
 #include <limits>
 #include <string>
 
+#include "message.h"
+
 namespace sara_kernels_cpu {
+
+// Error messages format numbers and shapes as strings (message.h).
+using sara_kernels_msg::num;
+using sara_kernels_msg::shape;
 
 // Bound on the transient (workspace) memory one sampled-gradient call allocates: the dense-GEMM
 // variants compute the weight gradient a chunk of rows at a time so this never grows with the
@@ -60,11 +66,11 @@ inline void check_cpu(const char* op, const char* name, const at::Tensor& t) {
 
 inline void check_contiguous(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.is_contiguous(), op_name(op), ": ", name, " must be contiguous, got shape ",
-              t.sizes(), " with strides ", t.strides());
+              shape(t.sizes()), " with strides ", shape(t.strides()));
 }
 
 inline void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim) {
-  TORCH_CHECK(t.dim() == dim, op_name(op), ": ", name, " must be ", dim, "-D, got shape ", t.sizes());
+  TORCH_CHECK(t.dim() == dim, op_name(op), ": ", name, " must be ", num(dim), "-D, got shape ", shape(t.sizes()));
 }
 
 inline bool is_float_dtype(at::ScalarType s) {
@@ -88,8 +94,8 @@ inline void check_compact(const char* op, const char* name, const at::Tensor& t,
               "; expected ", dtype);
   check_cpu(op, name, t);
   check_dim(op, name, t, 1);
-  TORCH_CHECK(t.size(0) == k, op_name(op), ": ", name, " has ", t.size(0),
-              " entries but index has ", k);
+  TORCH_CHECK(t.size(0) == k, op_name(op), ": ", name, " has ", num(t.size(0)),
+              " entries but index has ", num(k));
   check_contiguous(op, name, t);
 }
 
@@ -128,12 +134,12 @@ void check_index_values(const char* op, const index_t* idx, int64_t k, int64_t n
     }
   });
   const int64_t r = bad_range.load();
-  TORCH_CHECK(r == k, op_name(op), ": ", name, "[", r, "] = ", static_cast<int64_t>(idx[r]),
-              " is out of range: indices must lie in [0, ", numel, ")");
+  TORCH_CHECK(r == k, op_name(op), ": ", name, "[", num(r), "] = ", num(static_cast<int64_t>(idx[r])),
+              " is out of range: indices must lie in [0, ", num(numel), ")");
   const int64_t o = bad_order.load();
   TORCH_CHECK(o == k, op_name(op), ": ", name, " must be sorted in strictly increasing order (no ",
-              "duplicates), but ", name, "[", o - 1, "] = ", static_cast<int64_t>(idx[o - 1]), " and ",
-              name, "[", o, "] = ", static_cast<int64_t>(idx[o]));
+              "duplicates), but ", name, "[", num(o - 1), "] = ", num(static_cast<int64_t>(idx[o - 1])), " and ",
+              name, "[", num(o), "] = ", num(static_cast<int64_t>(idx[o])));
 }
 
 inline void check_index(const char* op, const at::Tensor& index, int64_t numel,

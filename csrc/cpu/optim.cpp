@@ -80,11 +80,11 @@ void sparse_adamw_cpu(const at::Tensor& weight,      // any shape, fp32/bf16/fp1
   check_compact(op, "grad", grad, k, at::kFloat);
   check_compact(op, "exp_avg", exp_avg, k, at::kFloat);
   check_compact(op, "exp_avg_sq", exp_avg_sq, k, at::kFloat);
-  TORCH_CHECK(step >= 1, op_name(op), ": step must be >= 1 (AdamW counts from 1), got ", step);
+  TORCH_CHECK(step >= 1, op_name(op), ": step must be >= 1 (AdamW counts from 1), got ", num(step));
   TORCH_CHECK(beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1, op_name(op),
-              ": betas must lie in [0, 1), got (", beta1, ", ", beta2, ")");
-  TORCH_CHECK(lr >= 0 && eps >= 0 && weight_decay >= 0, op_name(op), ": lr=", lr, ", eps=", eps,
-              " and weight_decay=", weight_decay, " must be non-negative");
+              ": betas must lie in [0, 1), got (", num(beta1), ", ", num(beta2), ")");
+  TORCH_CHECK(lr >= 0 && eps >= 0 && weight_decay >= 0, op_name(op), ": lr=", num(lr), ", eps=", num(eps),
+              " and weight_decay=", num(weight_decay), " must be non-negative");
   check_index(op, index, weight.numel());
   if (k == 0) return;
   // Host scalars in double, as Python computes them, then rounded to fp32 where a tensor op

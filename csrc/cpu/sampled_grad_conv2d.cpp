@@ -241,22 +241,22 @@ at::Tensor sampled_weight_grad_conv2d_cpu(const at::Tensor& grad_out,  // [N, O,
   check_dim(kOp, "grad_out", grad_out, 4);
   check_dim(kOp, "x", x, 4);
   TORCH_CHECK(weight_shape.size() == 4, op_name(kOp), ": weight_shape must have 4 entries [O, C/groups, kh, kw], got ",
-              weight_shape);
+              shape(weight_shape));
   for (auto s : weight_shape) {
-    TORCH_CHECK(s > 0, op_name(kOp), ": weight_shape must be positive, got ", weight_shape);
+    TORCH_CHECK(s > 0, op_name(kOp), ": weight_shape must be positive, got ", shape(weight_shape));
   }
   TORCH_CHECK(stride.size() == 2 && stride[0] > 0 && stride[1] > 0, op_name(kOp),
-              ": stride must be 2 positive ints, got ", stride);
+              ": stride must be 2 positive ints, got ", shape(stride));
   TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0, op_name(kOp),
-              ": padding must be 2 non-negative ints, got ", padding);
+              ": padding must be 2 non-negative ints, got ", shape(padding));
   TORCH_CHECK(dilation.size() == 2 && dilation[0] > 0 && dilation[1] > 0, op_name(kOp),
-              ": dilation must be 2 positive ints, got ", dilation);
-  TORCH_CHECK(groups > 0 && weight_shape[0] % groups == 0, op_name(kOp), ": groups=", groups,
-              " must be positive and divide the ", weight_shape[0], " output channels");
-  TORCH_CHECK(x.size(1) == weight_shape[1] * groups, op_name(kOp), ": x has ", x.size(1),
-              " channels but weight_shape ", weight_shape, " with groups=", groups, " expects ",
-              weight_shape[1] * groups);
-  TORCH_CHECK(variant >= 0 && variant <= 2, op_name(kOp), ": variant=", variant,
+              ": dilation must be 2 positive ints, got ", shape(dilation));
+  TORCH_CHECK(groups > 0 && weight_shape[0] % groups == 0, op_name(kOp), ": groups=", num(groups),
+              " must be positive and divide the ", num(weight_shape[0]), " output channels");
+  TORCH_CHECK(x.size(1) == weight_shape[1] * groups, op_name(kOp), ": x has ", num(x.size(1)),
+              " channels but weight_shape ", shape(weight_shape), " with groups=", num(groups), " expects ",
+              num(weight_shape[1] * groups));
+  TORCH_CHECK(variant >= 0 && variant <= 2, op_name(kOp), ": variant=", num(variant),
               " must be 0 (auto), 1 (direct) or 2 (gemm) (3, tiled, is a CUDA linear kernel)");
   Geometry g{};
   g.N = x.size(0), g.C = x.size(1), g.H = x.size(2), g.W = x.size(3);
@@ -265,15 +265,15 @@ at::Tensor sampled_weight_grad_conv2d_cpu(const at::Tensor& grad_out,  // [N, O,
   g.d0 = dilation[0], g.d1 = dilation[1], g.groups = groups, g.Og = g.O / groups;
   const int64_t span_h = g.H + 2 * g.p0 - g.d0 * (g.kh - 1) - 1;
   const int64_t span_w = g.W + 2 * g.p1 - g.d1 * (g.kw - 1) - 1;
-  TORCH_CHECK(span_h >= 0 && span_w >= 0, op_name(kOp), ": the kernel ", weight_shape.slice(2),
-              " (dilation ", dilation, ") is larger than the padded input ", x.sizes().slice(2),
-              " (padding ", padding, ")");
+  TORCH_CHECK(span_h >= 0 && span_w >= 0, op_name(kOp), ": the kernel ", shape(weight_shape.slice(2)),
+              " (dilation ", shape(dilation), ") is larger than the padded input ", shape(x.sizes().slice(2)),
+              " (padding ", shape(padding), ")");
   g.P = span_h / g.s0 + 1, g.Q = span_w / g.s1 + 1;
   TORCH_CHECK(grad_out.size(0) == g.N && grad_out.size(1) == g.O && grad_out.size(2) == g.P &&
                   grad_out.size(3) == g.Q,
-              op_name(kOp), ": grad_out has shape ", grad_out.sizes(), " but the convolution of x ",
-              x.sizes(), " with weight_shape ", weight_shape, " gives [", g.N, ", ", g.O, ", ", g.P,
-              ", ", g.Q, "]");
+              op_name(kOp), ": grad_out has shape ", shape(grad_out.sizes()), " but the convolution of x ",
+              shape(x.sizes()), " with weight_shape ", shape(weight_shape), " gives ",
+              shape({g.N, g.O, g.P, g.Q}));
   int64_t numel = checked_mul(kOp, "weight_shape numel", g.O, g.Cg);
   numel = checked_mul(kOp, "weight_shape numel", numel, g.kh * g.kw);
   check_index(kOp, index, numel);

@@ -177,15 +177,15 @@ at::Tensor sampled_weight_grad_linear_cpu(const at::Tensor& grad_out,  // [N, ou
               grad_out.scalar_type(), " but x has dtype ", x.scalar_type(), "; they must match");
   check_dim(kOp, "grad_out", grad_out, 2);
   check_dim(kOp, "x", x, 2);
-  TORCH_CHECK(out_features > 0 && in_features > 0, op_name(kOp), ": out_features=", out_features,
-              " and in_features=", in_features, " must be positive");
+  TORCH_CHECK(out_features > 0 && in_features > 0, op_name(kOp), ": out_features=", num(out_features),
+              " and in_features=", num(in_features), " must be positive");
   TORCH_CHECK(grad_out.size(1) == out_features, op_name(kOp), ": grad_out has shape ",
-              grad_out.sizes(), " but out_features=", out_features);
-  TORCH_CHECK(x.size(1) == in_features, op_name(kOp), ": x has shape ", x.sizes(),
-              " but in_features=", in_features);
-  TORCH_CHECK(grad_out.size(0) == x.size(0), op_name(kOp), ": grad_out ", grad_out.sizes(),
-              " and x ", x.sizes(), " must have the same number of tokens (dim 0)");
-  TORCH_CHECK(variant >= 0 && variant <= 2, op_name(kOp), ": variant=", variant,
+              shape(grad_out.sizes()), " but out_features=", num(out_features));
+  TORCH_CHECK(x.size(1) == in_features, op_name(kOp), ": x has shape ", shape(x.sizes()),
+              " but in_features=", num(in_features));
+  TORCH_CHECK(grad_out.size(0) == x.size(0), op_name(kOp), ": grad_out ", shape(grad_out.sizes()),
+              " and x ", shape(x.sizes()), " must have the same number of tokens (dim 0)");
+  TORCH_CHECK(variant >= 0 && variant <= 2, op_name(kOp), ": variant=", num(variant),
               " must be 0 (auto), 1 (direct) or 2 (gemm) (3, tiled, is a CUDA linear kernel)");
   const int64_t numel = checked_mul(kOp, "out_features * in_features", out_features, in_features);
   check_index(kOp, index, numel);

@@ -147,9 +147,9 @@ at::Tensor select_small_magnitude_cpu(const at::Tensor& weight,  // any shape
   const int64_t n = weight.numel();
   if (threshold.has_value()) {
     TORCH_CHECK(*threshold > 0, op_name(kOp), ": threshold must be a positive number, got ",
-                *threshold);
+                num(*threshold));
   } else {
-    TORCH_CHECK(*k >= 0 && *k <= n, op_name(kOp), ": k=", *k, " must lie in [0, ", n,
+    TORCH_CHECK(*k >= 0 && *k <= n, op_name(kOp), ": k=", num(*k), " must lie in [0, ", num(n),
                 "] (the weight's entry count)");
   }
   // int32 indices unless the weight has 2^31 entries or more (reference.index_dtype_for).

@@ -13,6 +13,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
 #include <cuda_runtime.h>
+
+#include "message.h"
 #include <torch/version.h>
 
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
@@ -27,6 +29,10 @@
 #include <cstdlib>
 
 namespace sara_kernels_cuda {
+
+// Error messages format numbers and shapes as strings (message.h).
+using sara_kernels_msg::num;
+using sara_kernels_msg::shape;
 
 constexpr int kThreads = 256;
 // Grid-stride loops everywhere: grids never exceed this many blocks (any k or N still works).
@@ -103,13 +109,13 @@ inline void check_cuda(const char* op, const char* name, const at::Tensor& t, co
 }
 
 inline void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim) {
-  TORCH_CHECK_VALUE(t.dim() == dim, "sara_kernels_C.", op, ": ", name, " must be ", dim, "-D, got shape ",
-                    t.sizes());
+  TORCH_CHECK_VALUE(t.dim() == dim, "sara_kernels_C.", op, ": ", name, " must be ", num(dim), "-D, got shape ",
+                    shape(t.sizes()));
 }
 
 inline void check_contiguous(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK_VALUE(t.is_contiguous(), "sara_kernels_C.", op, ": ", name, " must be contiguous, got strides ",
-                    t.strides(), " for shape ", t.sizes());
+                    shape(t.strides()), " for shape ", shape(t.sizes()));
 }
 
 inline bool is_float_dtype(at::ScalarType s) {
@@ -128,7 +134,7 @@ inline void check_dtype(const char* op, const char* name, const at::Tensor& t, a
 
 inline void check_size(const char* op, const char* name, const at::Tensor& t, int64_t k) {
   TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == k, "sara_kernels_C.", op, ": ", name, " has shape ",
-                    t.sizes(), " but index has [", k, "]");
+                    shape(t.sizes()), " but index has [", num(k), "]");
 }
 
 // index: 1-D int32/int64 on `device`; returns it contiguous. numel: the entries it addresses.
@@ -138,7 +144,7 @@ inline at::Tensor checked_index(const char* op, const at::Tensor& index, const a
                    ": index has dtype ", index.scalar_type(), "; expected Int or Long");
   check_dim(op, "index", index, 1);
   TORCH_CHECK_TYPE(index.scalar_type() == at::kLong || numel <= INT32_MAX, "sara_kernels_C.", op,
-                   ": index is int32 but the weight has ", numel, " entries (>= 2**31); use int64 indices");
+                   ": index is int32 but the weight has ", num(numel), " entries (>= 2**31); use int64 indices");
   return index.contiguous();
 }
 

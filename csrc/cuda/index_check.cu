@@ -77,7 +77,7 @@ void validate_index(const char* op, const at::Tensor& index, int64_t numel) {
   if (mode == Mode::kSync) {
     const int bad = static_cast<int>(flag.item().toInt());
     TORCH_CHECK_INDEX((bad & kOutOfRange) == 0, "sara_kernels_C.", op,
-                      ": index holds values outside [0, ", numel, ") (the weight has ", numel, " entries)");
+                      ": index holds values outside [0, ", num(numel), ") (the weight has ", num(numel), " entries)");
     TORCH_CHECK_VALUE((bad & kNotIncreasing) == 0, "sara_kernels_C.", op,
                       ": index must be sorted in strictly increasing order (no duplicates)");
   }

@@ -138,9 +138,9 @@ void sparse_adamw_cuda(const at::Tensor& weight, const at::Tensor& index_in, con
   check_contiguous(op, "delta", delta);
   check_contiguous(op, "exp_avg", exp_avg);
   check_contiguous(op, "exp_avg_sq", exp_avg_sq);
-  TORCH_CHECK_VALUE(step >= 1.0, "sara_kernels_C.", op, ": step must be >= 1, got ", step);
+  TORCH_CHECK_VALUE(step >= 1.0, "sara_kernels_C.", op, ": step must be >= 1, got ", num(step));
   TORCH_CHECK_VALUE(beta1 >= 0.0 && beta1 < 1.0 && beta2 >= 0.0 && beta2 < 1.0, "sara_kernels_C.", op,
-                    ": betas must lie in [0, 1), got (", beta1, ", ", beta2, ")");
+                    ": betas must lie in [0, 1), got (", num(beta1), ", ", num(beta2), ")");
   if (k == 0) return;
   const at::Tensor base = base_in.contiguous();
   const at::Tensor grad = grad_in.contiguous();

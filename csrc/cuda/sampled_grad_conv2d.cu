@@ -171,8 +171,8 @@ void conv_gemm(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& inde
           const at::Tensor xc = x.narrow(0, n0, b).narrow(1, grp * s.Cg + c0, cc).to(acc).contiguous();
           const at::Tensor cols = at::im2col(xc, {s.KH, s.KW}, {s.dh, s.dw}, {s.ph, s.pw}, {s.sh, s.sw});
           TORCH_CHECK(cols.dim() == 3 && cols.size(0) == b && cols.size(1) == cc * KK && cols.size(2) == L,
-                      "sara_kernels_C.sampled_weight_grad_conv2d: internal error: im2col gave shape ", cols.sizes(),
-                      ", expected [", b, ", ", cc * KK, ", ", L, "]");
+                      "sara_kernels_C.sampled_weight_grad_conv2d: internal error: im2col gave shape ",
+                      shape(cols.sizes()), ", expected ", shape({b, cc * KK, L}));
           const at::Tensor dyc = dy.narrow(0, n0, b).narrow(1, o_begin, r).to(acc);  // [b, r, P, Q]
           for (int64_t i = 0; i < b; ++i) {
             dense.addmm_(dyc.select(0, i).reshape({r, L}), cols.select(0, i).t());
@@ -272,35 +272,37 @@ at::Tensor sampled_weight_grad_conv2d_cuda(const at::Tensor& grad_out, const at:
   TORCH_CHECK_VALUE(weight_shape.size() == 4 && weight_shape[0] > 0 && weight_shape[1] > 0 && weight_shape[2] > 0 &&
                         weight_shape[3] > 0,
                     "sara_kernels_C.", op, ": weight_shape must be 4 positive ints [out, in/groups, kh, kw], got ",
-                    weight_shape);
+                    shape(weight_shape));
   TORCH_CHECK_VALUE(stride.size() == 2 && stride[0] > 0 && stride[1] > 0 && stride[0] <= INT32_MAX &&
                         stride[1] <= INT32_MAX,
-                    "sara_kernels_C.", op, ": stride must be 2 positive ints, got ", stride);
+                    "sara_kernels_C.", op, ": stride must be 2 positive ints, got ", shape(stride));
   TORCH_CHECK_VALUE(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0 && padding[0] <= INT32_MAX &&
                         padding[1] <= INT32_MAX,
-                    "sara_kernels_C.", op, ": padding must be 2 non-negative ints, got ", padding);
+                    "sara_kernels_C.", op, ": padding must be 2 non-negative ints, got ", shape(padding));
   TORCH_CHECK_VALUE(dilation.size() == 2 && dilation[0] > 0 && dilation[1] > 0 && dilation[0] <= INT32_MAX &&
                         dilation[1] <= INT32_MAX,
-                    "sara_kernels_C.", op, ": dilation must be 2 positive ints, got ", dilation);
+                    "sara_kernels_C.", op, ": dilation must be 2 positive ints, got ", shape(dilation));
   const int64_t O = weight_shape[0], Cg = weight_shape[1], KH = weight_shape[2], KW = weight_shape[3];
-  TORCH_CHECK_VALUE(groups > 0 && O % groups == 0, "sara_kernels_C.", op, ": groups=", groups,
-                    " must be positive and divide the ", O, " output channels");
-  TORCH_CHECK_VALUE(x.size(1) == Cg * groups, "sara_kernels_C.", op, ": x has ", x.size(1),
-                    " channels but weight_shape ", weight_shape, " with groups=", groups, " expects ", Cg * groups);
+  TORCH_CHECK_VALUE(groups > 0 && O % groups == 0, "sara_kernels_C.", op, ": groups=", num(groups),
+                    " must be positive and divide the ", num(O), " output channels");
+  TORCH_CHECK_VALUE(x.size(1) == Cg * groups, "sara_kernels_C.", op, ": x has ", num(x.size(1)),
+                    " channels but weight_shape ", shape(weight_shape), " with groups=", num(groups), " expects ",
+                    num(Cg * groups));
   const int64_t N = x.size(0), H = x.size(2), W = x.size(3);
   const int64_t P = (H + 2 * padding[0] - dilation[0] * (KH - 1) - 1);
   const int64_t Q = (W + 2 * padding[1] - dilation[1] * (KW - 1) - 1);
-  TORCH_CHECK_VALUE(P >= 0 && Q >= 0, "sara_kernels_C.", op, ": the kernel [", KH, ", ", KW, "] (dilation ",
-                    dilation, ") is larger than the padded input [", H, ", ", W, "] (padding ", padding, ")");
+  TORCH_CHECK_VALUE(P >= 0 && Q >= 0, "sara_kernels_C.", op, ": the kernel ", shape({KH, KW}), " (dilation ",
+                    shape(dilation), ") is larger than the padded input ", shape({H, W}), " (padding ",
+                    shape(padding), ")");
   const int64_t P_out = P / stride[0] + 1, Q_out = Q / stride[1] + 1;
   TORCH_CHECK_VALUE(grad_out.size(0) == N && grad_out.size(1) == O && grad_out.size(2) == P_out &&
                         grad_out.size(3) == Q_out,
-                    "sara_kernels_C.", op, ": grad_out has shape ", grad_out.sizes(), " but the convolution of x ",
-                    x.sizes(), " with weight_shape ", weight_shape, " gives [", N, ", ", O, ", ", P_out, ", ", Q_out,
-                    "]");
+                    "sara_kernels_C.", op, ": grad_out has shape ", shape(grad_out.sizes()),
+                    " but the convolution of x ", shape(x.sizes()), " with weight_shape ", shape(weight_shape), " gives ",
+                    shape({N, O, P_out, Q_out}));
   TORCH_CHECK_VALUE(H * W <= INT32_MAX && P_out * Q_out <= INT32_MAX && KH <= INT32_MAX && KW <= INT32_MAX,
                     "sara_kernels_C.", op, ": spatial sizes must stay below 2**31 elements per plane");
-  TORCH_CHECK_VALUE(variant >= 0 && variant <= 2, "sara_kernels_C.", op, ": variant=", variant,
+  TORCH_CHECK_VALUE(variant >= 0 && variant <= 2, "sara_kernels_C.", op, ": variant=", num(variant),
                     " must be 0 (auto), 1 (direct) or 2 (gemm) (3, tiled, is a linear-only kernel)");
   const int64_t numel = O * Cg * KH * KW;
   const at::Tensor index = checked_index(op, index_in, grad_out.device(), numel);

@@ -415,8 +415,8 @@ void linear_tiled(const at::Tensor& g, const at::Tensor& x, const at::Tensor& in
   const int64_t N = g.size(0);
   const int64_t limit = smem_optin_limit(g);
   TORCH_CHECK_VALUE(tiled_fits(g, O, I), "sara_kernels_C.sampled_weight_grad_linear: variant 3 (tiled) needs ",
-                    tiled_smem_bytes(I, O + 8 + kTileMinRows), " bytes of shared memory for out_features=", O,
-                    ", in_features=", I, " but the device allows ", limit, "; use variant 0 (auto), 1 or 2");
+                    num(tiled_smem_bytes(I, O + 8 + kTileMinRows)), " bytes of shared memory for out_features=", num(O),
+                    ", in_features=", num(I), " but the device allows ", num(limit), "; use variant 0 (auto), 1 or 2");
   // grad_out rows staged per window: what fits, at most O (+ one vector of alignment slack).
   const int64_t max_rows = std::min<int64_t>(limit / kTileRowBytes - I, O + 8);
   // Entries per block: the expected rows of a group (uniform density over the layer) should fit
@@ -473,15 +473,15 @@ at::Tensor sampled_weight_grad_linear_cuda(const at::Tensor& grad_out, const at:
   check_dim(op, "x", x, 2);
   check_contiguous(op, "grad_out", grad_out);
   check_contiguous(op, "x", x);
-  TORCH_CHECK_VALUE(out_features > 0 && in_features > 0, "sara_kernels_C.", op, ": out_features=", out_features,
-                    " and in_features=", in_features, " must be positive");
+  TORCH_CHECK_VALUE(out_features > 0 && in_features > 0, "sara_kernels_C.", op, ": out_features=", num(out_features),
+                    " and in_features=", num(in_features), " must be positive");
   TORCH_CHECK_VALUE(grad_out.size(1) == out_features, "sara_kernels_C.", op, ": grad_out has shape ",
-                    grad_out.sizes(), "; its last dim must be out_features=", out_features);
-  TORCH_CHECK_VALUE(x.size(1) == in_features, "sara_kernels_C.", op, ": x has shape ", x.sizes(),
-                    "; its last dim must be in_features=", in_features);
-  TORCH_CHECK_VALUE(x.size(0) == grad_out.size(0), "sara_kernels_C.", op, ": grad_out ", grad_out.sizes(),
-                    " and x ", x.sizes(), " must have the same number of rows (tokens)");
-  TORCH_CHECK_VALUE(variant >= 0 && variant <= 3, "sara_kernels_C.", op, ": variant=", variant,
+                    shape(grad_out.sizes()), "; its last dim must be out_features=", num(out_features));
+  TORCH_CHECK_VALUE(x.size(1) == in_features, "sara_kernels_C.", op, ": x has shape ", shape(x.sizes()),
+                    "; its last dim must be in_features=", num(in_features));
+  TORCH_CHECK_VALUE(x.size(0) == grad_out.size(0), "sara_kernels_C.", op, ": grad_out ", shape(grad_out.sizes()),
+                    " and x ", shape(x.sizes()), " must have the same number of rows (tokens)");
+  TORCH_CHECK_VALUE(variant >= 0 && variant <= 3, "sara_kernels_C.", op, ": variant=", num(variant),
                     " must be 0 (auto), 1 (direct), 2 (gemm) or 3 (tiled)");
   const int64_t numel = out_features * in_features;
   const at::Tensor index = checked_index(op, index_in, grad_out.device(), numel);

@@ -13,8 +13,12 @@
 
 #include <optional>
 
+#include "message.h"
+
 namespace sara_kernels_cuda {
 namespace {
+
+using sara_kernels_msg::num;
 
 at::Tensor select_small_magnitude_cuda(const at::Tensor& weight, std::optional<double> threshold,
                                        std::optional<int64_t> k) {
@@ -31,12 +35,12 @@ at::Tensor select_small_magnitude_cuda(const at::Tensor& weight, std::optional<d
   const at::Tensor magnitude = weight.contiguous().reshape({-1}).abs();
   if (threshold.has_value()) {
     const double t = *threshold;
-    TORCH_CHECK_VALUE(t > 0.0, "sara_kernels_C.", op, ": threshold must be a positive number, got ", t);
+    TORCH_CHECK_VALUE(t > 0.0, "sara_kernels_C.", op, ": threshold must be a positive number, got ", num(t));
     return at::nonzero(magnitude.lt(t)).flatten().to(index_dtype);
   }
   const int64_t count = *k;
-  TORCH_CHECK_VALUE(count >= 0 && count <= numel, "sara_kernels_C.", op, ": k=", count, " must lie in [0, ", numel,
-                    "] (the weight's entry count)");
+  TORCH_CHECK_VALUE(count >= 0 && count <= numel, "sara_kernels_C.", op, ": k=", num(count), " must lie in [0, ",
+                    num(numel), "] (the weight's entry count)");
   if (count == 0) return at::empty({0}, weight.options().dtype(index_dtype));
   const at::Tensor order = std::get<1>(at::sort(magnitude, /*stable=*/true, /*dim=*/0, /*descending=*/false));
   const at::Tensor chosen = std::get<0>(at::sort(order.narrow(0, 0, count), /*stable=*/false, 0, false));
