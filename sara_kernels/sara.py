@@ -448,8 +448,10 @@ def reselect_(
         )
     kept_total = frozen_total = 0
     per_layer = {}
+    thetas = set()
     for name, layer in layers:
         theta = threshold if threshold is not None else layer.sparse_threshold
+        thetas.add(theta)
         if theta is None:
             raise ValueError(
                 f"reselect_: layer {name!r} was built with an explicit index and no threshold; pass threshold="
@@ -494,7 +496,8 @@ def reselect_(
         mark_merged(delta)
     total = kept_total + frozen_total
     if total and kept_total < RESELECT_WARN_SHARE * total:
-        theta = threshold if threshold is not None else "each layer's selection threshold"
+        known = sorted(float(t) for t in thetas if t is not None)
+        theta = f"{known[0]:.3g}" if known[0] == known[-1] else f"{known[0]:.3g} to {known[-1]:.3g} by layer"
         warnings.warn(
             f"reselect_: only {kept_total} of {total} trained entries ({kept_total / total:.1%}) are still "
             f"below the threshold ({theta}) and stay trainable; the other {frozen_total} are frozen with "
