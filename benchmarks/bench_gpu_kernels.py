@@ -14,6 +14,11 @@ Rows:
   conv      3x3, padding 1, C -> C at the UNet's spatial sizes (320 @ 64x64, 640 @ 32x32,
             1280 @ 16x16, 1280 @ 8x8), batch 1 and 8.
   adamw     sparse_adamw_ over k = 5.8% of a 1280x1280 weight and of an 860M-entry weight.
+  step      one optimizer step over the 282 Linear/Conv2d weights of SD 1.5's UNet (5.8% of each
+            selected): SparseAdamW (one fused call per layer, per backend) against torch's fused
+            AdamW on the same deltas followed by the re-merge the next forward does, and against
+            torch's fused AdamW over the dense fp32 weights (full fine-tuning's step). Per-layer
+            launches and Python dispatch count here, as they do in training.
 Each sampled-gradient row is timed at densities 0.1%, 0.6%, 2.3%, 5.8% and 20% (uniformly random
 sorted entries, int32 indices) for every variant the device has: the native kernel's direct, gemm
 and auto (what the library picks), and the Triton backend's (its kernel, its dense-GEMM path and
@@ -51,6 +56,25 @@ CONV_SHAPES = ((320, 64), (640, 32), (1280, 16), (1280, 8))  # (channels, spatia
 CONV_BATCH = (1, 8)
 ADAMW_NUMEL = (1280 * 1280, 860_000_000)
 ADAMW_DENSITY = 0.058
+
+#: Weight shapes of SD 1.5's UNet (diffusers UNet2DConditionModel with the SD 1.5 config of
+#: benchmarks/_unet_bench.py): shape -> count; 282 Linear/Conv2d weights, 859,077,120 entries.
+#: Embedded so that the step rows run where diffusers is not installed; tests/test_bench_smoke.py
+#: checks the table against diffusers.
+SD15_WEIGHT_SHAPES = {
+    (320, 320): 30, (320, 768): 10, (320, 1280): 10, (640, 640): 30, (640, 768): 10,
+    (640, 1280): 5, (640, 2560): 5, (1280, 320): 1, (1280, 768): 12, (1280, 1280): 49,
+    (1280, 5120): 6, (2560, 320): 5, (5120, 640): 5, (10240, 1280): 6,
+    (4, 320, 3, 3): 1, (320, 4, 3, 3): 1, (320, 320, 1, 1): 10, (320, 320, 3, 3): 8,
+    (320, 640, 1, 1): 2, (320, 640, 3, 3): 2, (320, 960, 1, 1): 1, (320, 960, 3, 3): 1,
+    (640, 320, 1, 1): 1, (640, 320, 3, 3): 1, (640, 640, 1, 1): 10, (640, 640, 3, 3): 8,
+    (640, 960, 1, 1): 1, (640, 960, 3, 3): 1, (640, 1280, 1, 1): 1, (640, 1280, 3, 3): 1,
+    (640, 1920, 1, 1): 1, (640, 1920, 3, 3): 1, (1280, 640, 1, 1): 1, (1280, 640, 3, 3): 1,
+    (1280, 1280, 1, 1): 12, (1280, 1280, 3, 3): 20, (1280, 1920, 1, 1): 1, (1280, 1920, 3, 3): 1,
+    (1280, 2560, 1, 1): 5, (1280, 2560, 3, 3): 5,
+}  # fmt: skip
+#: --quick: a few small layers of both kinds.
+QUICK_WEIGHT_SHAPES = {(64, 64): 3, (96, 64): 1, (64, 48, 3, 3): 2, (32, 64, 1, 1): 1}
 SKIP_FACTOR = 40.0
 
 
@@ -354,6 +378,123 @@ def adamw_rows(runner: Runner, dtype: torch.dtype, quick: bool, copy_gbps: float
             )
 
 
+def build_layers(shapes: dict, device: str, dtype: torch.dtype) -> torch.nn.ModuleList:
+    """Bias-free Linear / Conv2d layers of the given weight shapes, initialised on ``device``."""
+    layers = torch.nn.ModuleList()
+    for shape, count in shapes.items():
+        for _ in range(count):
+            if len(shape) == 2:
+                layer = torch.nn.Linear(shape[1], shape[0], bias=False, device=device, dtype=dtype)
+            else:
+                layer = torch.nn.Conv2d(
+                    shape[1],
+                    shape[0],
+                    shape[2:],
+                    padding=shape[2] // 2,
+                    bias=False,
+                    device=device,
+                    dtype=dtype,
+                )
+            layers.append(layer)
+    return layers
+
+
+def step_rows(runner: Runner, dtype: torch.dtype, quick: bool) -> None:
+    """One optimizer step over every Linear/Conv2d weight of a UNet (see the module docstring)."""
+    from sara_kernels.nn import layer_of
+
+    device = runner.device
+    shapes = QUICK_WEIGHT_SHAPES if quick else SD15_WEIGHT_SHAPES
+    name = "quick layers" if quick else "SD1.5 UNet"
+    model = build_layers(shapes, device, dtype)
+    numel = sum(p.numel() for p in model.parameters())
+    sara_kernels.apply_sara(model, sara_kernels.SaRAConfig(fraction=ADAMW_DENSITY, budget_scope="per_layer"))
+    layers = [layer for _, layer in sara_kernels.sparse_layers(model)]
+    for layer in layers:
+        layer._maybe_merge()  # what the first forward does: registers the delta's layer
+    deltas = sara_kernels.sparse_parameters(model)
+    assert all(layer_of(p) is not None for p in deltas), "every delta must reach the fused path"
+    k = sum(p.numel() for p in deltas)
+    generator = torch.Generator(device=device).manual_seed(0)
+    for p in deltas:
+        p.grad = torch.randn(p.shape, device=device, generator=generator) * 1e-3
+    n_layers = len(layers)
+    shape = f"{name}: {n_layers} layers, k={k} of {numel}"
+    weight_bytes = torch.finfo(dtype).bits // 8
+    # delta, m, v read + written (fp32), grad read (fp32), base read, index read (int32), weight written.
+    moved = k * (3 * 2 * 4 + 4 + 2 * weight_bytes + 4)
+    print(f"  step: {shape}", flush=True)
+
+    def record(variant: str, ms: float, graph: float | None = None, **extra) -> None:
+        runner.record(
+            kind="step",
+            shape=shape,
+            variant=variant,
+            density=ADAMW_DENSITY,
+            ms=ms,
+            graph_ms=graph,
+            layers=n_layers,
+            k=k,
+            numel=numel,
+            us_per_layer=1e3 * ms / n_layers,
+            **extra,
+        )
+
+    backends = [b for b in ("cuda", "cpu") if b == device and _backend.native_available(device)]
+    if _backend.triton_available(device) and not (device == "cpu" and _backend.triton_interpret()):
+        backends.append("triton")
+    if device == "cpu" or not backends:
+        backends.append("reference")
+    for backend in backends:
+        opt = sara_kernels.SparseAdamW(deltas, lr=1e-4)
+
+        def sparse_step(opt=opt, backend=backend):
+            with sara_kernels.use_backend(backend):
+                opt.step()
+
+        try:
+            ms = bench_ms(sparse_step, device, runner.reps)
+            graph = graph_ms(sparse_step, device)
+        except Exception as exc:
+            runner.record(
+                kind="step", shape=shape, variant=f"SparseAdamW/{backend}", ms=None, error=repr(exc)[:300]
+            )
+            continue
+        record(f"SparseAdamW/{backend}", ms, graph, GBps=moved / ms / 1e6)
+        del opt
+
+    fused = dict(fused=True) if device == "cuda" else dict(foreach=True)
+    torch_opt = torch.optim.AdamW(deltas, lr=1e-4, **fused)
+
+    def torch_step(torch_opt=torch_opt, layers=layers):
+        torch_opt.step()
+        for layer in layers:
+            layer._maybe_merge()  # the re-merge the next forward would do (O(k) per layer)
+
+    record("torch AdamW on the deltas + re-merge", bench_ms(torch_step, device, runner.reps))
+    del torch_opt, torch_step
+
+    # Full fine-tuning's optimizer step: fp32 master weights, their gradients and both moments.
+    free = torch.cuda.mem_get_info()[0] if device == "cuda" else None
+    if free is not None and free < numel * 4 * 4 * 1.2:
+        runner.record(
+            kind="step",
+            shape=shape,
+            variant="full: torch AdamW on fp32 weights",
+            ms=None,
+            skipped=f"needs {numel * 16 / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free",
+        )
+        return
+    del model, layers, deltas
+    dense = [torch.zeros(s, device=device) for s, count in shapes.items() for _ in range(count)]
+    for p in dense:
+        p.requires_grad_(True)
+        p.grad = torch.randn(p.shape, device=device, generator=generator) * 1e-3
+    full_opt = torch.optim.AdamW(dense, lr=1e-4, **fused)
+    record("full: torch AdamW on fp32 weights", bench_ms(full_opt.step, device, runner.reps))
+    del full_opt, dense
+
+
 def summary(info: dict) -> None:
     rows = info["rows"]
     print(
@@ -398,6 +539,15 @@ def summary(info: dict) -> None:
             print(
                 f"  adamw {r['shape']:<24} {r['variant']:<24} {r['ms']:9.4f} ms {r['GBps']:7.0f} GB/s {extra}"
             )
+    steps = [r for r in rows if r["kind"] == "step" and r.get("ms") is not None]
+    full = next((r for r in steps if r["variant"].startswith("full")), None)
+    for r in steps:
+        ratio = f" x{r['ms'] / full['ms']:.2f} full" if full else ""
+        graph = f" (graph {r['graph_ms']:.3f} ms)" if r.get("graph_ms") else ""
+        print(
+            f"  step  {r['shape'][:24]:<24} {r['variant']:<36} {r['ms']:9.3f} ms "
+            f"{r['us_per_layer']:6.1f} us/layer{ratio}{graph}"
+        )
     failures = [r for r in rows if r.get("error") or r.get("matches") is False]
     print(
         f"  sampled-gradient targets missed: {misses} of {len(groups)}; failures/mismatches: {len(failures)}"
@@ -411,7 +561,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few repeats (smoke test)")
-    parser.add_argument("--only", default="linear,conv,adamw", help="comma list of sections")
+    parser.add_argument("--only", default="linear,conv,adamw,step", help="comma list of sections")
     parser.add_argument("--densities", default=",".join(str(d) for d in DENSITIES))
     parser.add_argument("--reps", type=int, default=None, help="CUDA: do_bench ms budget; CPU: repeats")
     parser.add_argument(
@@ -471,6 +621,9 @@ def main(argv=None) -> int:
         save()
     if "adamw" in sections:
         adamw_rows(runner, dtype, args.quick, info["ceilings"]["copy_GBps"])
+        save()
+    if "step" in sections:
+        step_rows(runner, dtype, args.quick)
     save()
     if path:
         print(f"wrote {path}")

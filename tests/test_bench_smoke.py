@@ -64,7 +64,14 @@ def test_gpu_kernel_benchmark_quick_runs_on_cpu(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
     kinds = {row["kind"] for row in report["rows"]}
-    assert kinds == {"ceil", "linear", "conv", "adamw"}
+    assert kinds == {"ceil", "linear", "conv", "adamw", "step"}
+    steps = {row["variant"]: row for row in report["rows"] if row["kind"] == "step"}
+    assert {
+        "SparseAdamW/cpu",
+        "torch AdamW on the deltas + re-merge",
+        "full: torch AdamW on fp32 weights",
+    } <= set(steps), steps
+    assert all(row["ms"] > 0 and row["layers"] == 7 and 0 < row["k"] < row["numel"] for row in steps.values())
     sampled = [
         row for row in report["rows"] if row["kind"] in ("linear", "conv") and row["variant"] != "dense"
     ]
@@ -72,3 +79,26 @@ def test_gpu_kernel_benchmark_quick_runs_on_cpu(tmp_path):
     timed = [row for row in sampled if not row.get("skipped")]  # skipped: > 40x dense at a lower density
     assert timed and all(row["matches"] and row["ms"] > 0 for row in timed)
     assert "summary on" in result.stdout
+
+
+def test_gpu_kernel_benchmark_sd15_shapes_match_diffusers():
+    """The step rows' embedded SD 1.5 weight shapes are those of diffusers' UNet with that config."""
+    pytest.importorskip("diffusers")
+    import collections
+
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import bench_gpu_kernels
+        from _unet_bench import WORKLOADS
+    finally:
+        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**WORKLOADS["sd15"][0])
+    shapes = collections.Counter(
+        tuple(m.weight.shape) for m in unet.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+    )
+    assert dict(shapes) == bench_gpu_kernels.SD15_WEIGHT_SHAPES
+    assert sum(shapes.values()) == 282
