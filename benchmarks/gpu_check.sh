@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# On a CUDA machine: build the extension (CPU + CUDA kernels), run the test suite on CUDA, then the
-# kernel benchmark (benchmarks/bench_gpu_kernels.py). Everything goes to $OUT (default
-# benchmarks/results): build.log, backends.json, env.txt, tests.log, bench_gpu_kernels.json/.txt.
+# On a CUDA machine: build the extension (CPU + CUDA kernels), run the test suite on CUDA, the
+# kernel benchmark (benchmarks/bench_gpu_kernels.py), then the SD 1.5 UNet fine-tuning benchmark
+# (benchmarks/bench_unet.py, bf16: memory and step time of SaRA against full fine-tuning and LoRA).
+# Everything goes to $OUT (default benchmarks/results): build.log, backends.json, env.txt,
+# tests.log, bench_gpu_kernels.json/.txt, unet_sd15_cuda_bf16.json / unet_sd15.txt.
 #
 #   bash benchmarks/gpu_check.sh                    # from the repository root
 #   SKIP_TESTS=1 BENCH_ARGS="--only linear" bash benchmarks/gpu_check.sh
 #
 # Needs a CUDA build of torch, triton, pytest (pytest-xdist and pytest-timeout when present),
-# setuptools and ninja already installed: it downloads nothing. Time limits: TEST_TIMEOUT (s, the
-# whole test run, default 240) and BENCH_TIMEOUT (s, default 240). SKIP_TESTS=1 skips the tests;
-# TEST_FILES and TEST_K narrow them; BENCH_ARGS go to the benchmark.
+# setuptools and ninja already installed: it downloads nothing. Wheels in .whl/ (made by
+# scripts/offline_wheels.sh where pip can download, e.g. diffusers for the UNet benchmark) are
+# installed into a temporary folder first. Time limits (s): TEST_TIMEOUT (the whole test run,
+# default 240), BENCH_TIMEOUT (default 240), UNET_TIMEOUT (default 300). SKIP_TESTS=1, SKIP_BENCH=1
+# and SKIP_UNET=1 skip a part; TEST_FILES and TEST_K narrow the tests; BENCH_ARGS go to the kernel
+# benchmark; UNET_METHODS to the UNet benchmark.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results}"
@@ -26,6 +31,13 @@ export SARA_KERNELS_REQUIRE_NATIVE=1
   nvcc --version | tail -n 2
   "$PY" -c "import torch, triton, sys; print(sys.version.split()[0], torch.__version__, torch.version.cuda, triton.__version__)"
 } 2>&1 | tee "$OUT/env.txt"
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  echo "== offline wheels: $(ls .whl/*.whl | xargs -n1 basename | tr '\n' ' ')"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/sara_kernels_site \
+    .whl/*.whl || echo "(offline wheels failed to install)"
+  export PYTHONPATH="/tmp/sara_kernels_site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 
 echo "== build"
 start=$(date +%s)
@@ -77,11 +89,28 @@ if [ -z "${SKIP_TESTS:-}" ]; then
   echo "tests rc=$test_rc took $(( $(date +%s) - start )) s"
 fi
 
-echo "== kernel benchmark"
-timeout "${BENCH_TIMEOUT:-240}" "$PY" benchmarks/bench_gpu_kernels.py --json "$OUT/bench_gpu_kernels.json" ${BENCH_ARGS:-} \
-  >"$OUT/bench_gpu_kernels.txt" 2>&1
-bench_rc=$?
-grep -E "FAILED|MISMATCH|Error" "$OUT/bench_gpu_kernels.txt" | head -n 20
-sed -n '/^summary/,$p' "$OUT/bench_gpu_kernels.txt"
-echo "tests rc=$test_rc bench rc=$bench_rc"
-exit $(( test_rc != 0 || bench_rc != 0 ))
+bench_rc=0
+if [ -z "${SKIP_BENCH:-}" ]; then
+  echo "== kernel benchmark"
+  timeout "${BENCH_TIMEOUT:-240}" "$PY" benchmarks/bench_gpu_kernels.py --json "$OUT/bench_gpu_kernels.json" ${BENCH_ARGS:-} \
+    >"$OUT/bench_gpu_kernels.txt" 2>&1
+  bench_rc=$?
+  grep -E "FAILED|MISMATCH|Error" "$OUT/bench_gpu_kernels.txt" | head -n 20
+  sed -n '/^summary/,$p' "$OUT/bench_gpu_kernels.txt"
+fi
+
+unet_rc=0
+if [ -z "${SKIP_UNET:-}" ]; then
+  if "$PY" -c "import diffusers, peft" 2>/dev/null; then
+    echo "== UNet benchmark (SD 1.5 config, bf16 weights, batch 2)"
+    timeout "${UNET_TIMEOUT:-300}" "$PY" benchmarks/bench_unet.py --workload sd15 --device cuda --dtype bf16 \
+      --methods "${UNET_METHODS:-frozen,full,lora,sara,sara_torch_adamw}" --no-charts \
+      --out "$OUT/unet_sd15_cuda_bf16.json" >"$OUT/unet_sd15.txt" 2>&1
+    unet_rc=$?
+    tail -n 25 "$OUT/unet_sd15.txt"
+  else
+    echo "== UNet benchmark skipped: diffusers and peft are not importable (scripts/offline_wheels.sh)"
+  fi
+fi
+echo "tests rc=$test_rc bench rc=$bench_rc unet rc=$unet_rc"
+exit $(( test_rc != 0 || bench_rc != 0 || unet_rc != 0 ))
