@@ -281,17 +281,20 @@ def _get(results: dict, method: str, kind: str):
 
 
 def floor_bytes(results: dict, method: str = "sara") -> dict | None:
-    """frozen's peak overhead + the extra activations of trained layers' inputs + 24 B x K."""
+    """frozen's peak overhead + the extra activations of trained layers' inputs + the method's
+    training state (24 B x K with fp32 weights; 22 B x K with bf16/fp16 ones, whose base is 2 B)."""
     frozen, r = results.get("frozen"), results.get(method)
     if not frozen or "error" in frozen or not r or "error" in r:
         return None
     est = frozen.get("activation_estimate") or {}
     acts = est.get("extra_bytes_linear" if method == "sara_linear" else "extra_bytes_all", 0)
+    state = r.get("state_bytes") or 24 * r["trainable"]
     return {
         "frozen_overhead": frozen["peak_overhead_bytes"],
         "extra_activations": acts,
-        "state_24B_per_entry": 24 * r["trainable"],
-        "floor": frozen["peak_overhead_bytes"] + acts + 24 * r["trainable"],
+        "state": state,
+        "state_bytes_per_entry": state / max(1, r["trainable"]),
+        "floor": frozen["peak_overhead_bytes"] + acts + state,
     }
 
 
@@ -479,7 +482,8 @@ def main(argv=None) -> int:
     floor = floor_bytes(results, "sara")
     if floor:
         print(f"floor for sara: frozen {floor['frozen_overhead'] / MiB:.1f} MiB + trained-layer inputs "
-              f"{floor['extra_activations'] / MiB:.1f} MiB + 24 B x K {floor['state_24B_per_entry'] / MiB:.1f} MiB "
+              f"{floor['extra_activations'] / MiB:.1f} MiB + {floor['state_bytes_per_entry']:.0f} B x K "
+              f"{floor['state'] / MiB:.1f} MiB "
               f"= {floor['floor'] / MiB:.1f} MiB")
     targets = evaluate_targets(results)
     tiny_cpu = args.workload == "tiny" and not args.pretrained and args.device == "cpu"
