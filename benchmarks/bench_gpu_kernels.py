@@ -461,7 +461,7 @@ def step_rows(runner: Runner, dtype: torch.dtype, quick: bool) -> None:
             )
             continue
         record(f"SparseAdamW/{backend}", ms, graph, GBps=moved / ms / 1e6)
-        del opt
+        del opt, sparse_step
 
     fused = dict(fused=True) if device == "cuda" else dict(foreach=True)
     torch_opt = torch.optim.AdamW(deltas, lr=1e-4, **fused)
