@@ -298,14 +298,17 @@ def conv_rows(runner: Runner, dtype: torch.dtype, quick: bool) -> None:
             del x, w, g
 
 
-def adamw_rows(runner: Runner, dtype: torch.dtype, quick: bool, copy_gbps: float) -> None:
-    device = runner.device
-    backends = []
-    if _backend.native_available(device):
-        backends.append(device)
+def optimizer_backends(device: str) -> list[str]:
+    """The backends the AdamW rows time on ``device``: native, Triton (compiled), reference."""
+    backends = [device] if _backend.native_available(device) else []
     if _backend.triton_available(device) and not (device == "cpu" and _backend.triton_interpret()):
         backends.append("triton")
-    backends.append("reference")
+    return [*backends, "reference"]
+
+
+def adamw_rows(runner: Runner, dtype: torch.dtype, quick: bool, copy_gbps: float) -> None:
+    device = runner.device
+    backends = optimizer_backends(device)
     for numel in (1000, 50_000) if quick else ADAMW_NUMEL:
         weight = torch.randn(numel, device=device, dtype=dtype)
         index = random_index(numel, ADAMW_DENSITY, device)
@@ -441,12 +444,7 @@ def step_rows(runner: Runner, dtype: torch.dtype, quick: bool) -> None:
             **extra,
         )
 
-    backends = [b for b in ("cuda", "cpu") if b == device and _backend.native_available(device)]
-    if _backend.triton_available(device) and not (device == "cpu" and _backend.triton_interpret()):
-        backends.append("triton")
-    if device == "cpu" or not backends:
-        backends.append("reference")
-    for backend in backends:
+    for backend in optimizer_backends(device):
         opt = sara_kernels.SparseAdamW(deltas, lr=1e-4)
 
         def sparse_step(opt=opt, backend=backend):

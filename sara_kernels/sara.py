@@ -497,10 +497,10 @@ def reselect_(
     total = kept_total + frozen_total
     if total and kept_total < RESELECT_WARN_SHARE * total:
         known = sorted(float(t) for t in thetas if t is not None)
-        theta = f"{known[0]:.3g}" if known[0] == known[-1] else f"{known[0]:.3g} to {known[-1]:.3g} by layer"
+        shown = f"{known[0]:.3g}" if known[0] == known[-1] else f"{known[0]:.3g} to {known[-1]:.3g} by layer"
         warnings.warn(
             f"reselect_: only {kept_total} of {total} trained entries ({kept_total / total:.1%}) are still "
-            f"below the threshold ({theta}) and stay trainable; the other {frozen_total} are frozen with "
+            f"below the threshold ({shown}) and stay trainable; the other {frozen_total} are frozen with "
             "their learned delta. The first stage moved almost every entry past the threshold, which "
             "happens when the learning rate is large next to it (the paper ties the two: "
             "paper_learning_rate). In a short run, re-select later (ProgressiveReselection(at=...)) "

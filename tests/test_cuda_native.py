@@ -257,24 +257,6 @@ def test_linear_tiled_needs_all_rows_in_one_window():
     )
 
 
-@pytest.mark.parametrize("index_dtype", INDEX_DTYPES)
-def test_linear_tiled_windows_and_skew(dtype, index_dtype):
-    # More output rows than one shared-memory window holds (in_features large, out_features larger
-    # than the rows left), and a skewed selection: dense in a few rows, sparse elsewhere, so that an
-    # entry group spans several windows.
-    gen = torch.Generator().manual_seed(41)
-    out_f, in_f, n = 3001, 1203, 37
-    g = rand(n, out_f, dtype=dtype, gen=gen)
-    x = rand(n, in_f, dtype=dtype, gen=gen)
-    dense_rows = torch.arange(5 * in_f, 9 * in_f)
-    sparse = torch.randperm(out_f * in_f, generator=gen)[:3000]
-    index = torch.unique(torch.cat([dense_rows, sparse])).to(index_dtype)
-    got = _run_linear(g, x, index, out_f, in_f, "tiled")
-    torch.testing.assert_close(
-        got.cpu().double(), _linear_oracle(g, x, index, out_f, in_f), **grad_tol(dtype, n)
-    )
-
-
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16))
 def test_linear_tiled_unaligned_and_odd(dtype):
     # Base pointers off the 16-byte grid and feature counts that are not multiples of the vector
