@@ -54,6 +54,12 @@ TORCH_LIBRARY(sara_kernels_C, m) {
       "sparse_adamw_(Tensor(a!) weight, Tensor index, Tensor base, Tensor(b!) delta, Tensor grad, "
       "Tensor(c!) exp_avg, Tensor(d!) exp_avg_sq, float step, float lr, float beta1, float beta2, "
       "float eps, float weight_decay, bool maximize) -> ()");
+  // sparse_adamw_ over lists (one entry per layer, each with its own step) in one call: one
+  // parallel range on the CPU, a few launches on CUDA instead of one per layer.
+  m.def(
+      "sparse_adamw_multi_(Tensor(a!)[] weights, Tensor[] indices, Tensor[] bases, Tensor(b!)[] deltas, "
+      "Tensor[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, float[] steps, float lr, "
+      "float beta1, float beta2, float eps, float weight_decay, bool maximize) -> ()");
   m.def("scatter_merge_(Tensor(a!) weight, Tensor index, Tensor base, Tensor delta, float alpha) -> ()");
   m.def("restore_(Tensor(a!) weight, Tensor index, Tensor base) -> ()");
   // The variant (1 direct, 2 gemm, 3 tiled; -1 none yet) the last call of a sampled-gradient op

@@ -34,6 +34,7 @@ OPS = (
     "sampled_weight_grad_linear",
     "sampled_weight_grad_conv2d",
     "sparse_adamw_",
+    "sparse_adamw_multi_",
     "scatter_merge_",
     "restore_",
 )

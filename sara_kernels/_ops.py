@@ -43,6 +43,10 @@ SCHEMAS = {
         "sparse_adamw_(Tensor(a!) weight, Tensor index, Tensor base, Tensor(b!) delta, Tensor grad, "
         "Tensor(c!) exp_avg, Tensor(d!) exp_avg_sq, *, float step, float lr, float beta1, "
         "float beta2, float eps, float weight_decay, bool maximize=False) -> ()",
+    "sparse_adamw_multi_":
+        "sparse_adamw_multi_(Tensor(a!)[] weights, Tensor[] indices, Tensor[] bases, Tensor(b!)[] deltas, "
+        "Tensor[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, *, float[] steps, float lr, "
+        "float beta1, float beta2, float eps, float weight_decay, bool maximize=False) -> ()",
     "scatter_merge_":
         "scatter_merge_(Tensor(a!) weight, Tensor index, Tensor base, Tensor delta, "
         "float alpha=1.0) -> ()",
@@ -229,29 +233,57 @@ def _(grad_out, x, index, weight_shape, stride, padding, dilation, groups):
 # ---------------------------------------------------------------------------------------------
 # In-place ops: fused AdamW, merge, restore
 # ---------------------------------------------------------------------------------------------
-def _check_weight_side(op, weight, index, base):
-    _checks.check_tensor(op, "weight", weight, dtypes=_checks.WEIGHT_DTYPES)
-    _checks.check_contiguous_weight(op, weight)
-    _checks.check_tensor(op, "index", index, dtypes=_checks.INDEX_DTYPES, dim=1)
-    _checks.check_tensor(op, "base", base, dim=1)
+def _check_weight_side(op, weight, index, base, names=("weight", "index", "base")):
+    w, i, b = names
+    _checks.check_tensor(op, w, weight, dtypes=_checks.WEIGHT_DTYPES)
+    _checks.check_contiguous_weight(op, weight, name=w)
+    _checks.check_tensor(op, i, index, dtypes=_checks.INDEX_DTYPES, dim=1)
+    _checks.check_tensor(op, b, base, dim=1)
     if base.dtype != weight.dtype:
-        raise TypeError(
-            f"sara_kernels.{op}: base is {base.dtype} but weight is {weight.dtype}; they must match"
-        )
+        raise TypeError(f"sara_kernels.{op}: {b} is {base.dtype} but {w} is {weight.dtype}; they must match")
     if base.shape != index.shape:
         raise ValueError(
-            f"sara_kernels.{op}: base has shape {tuple(base.shape)} but index has {tuple(index.shape)}"
+            f"sara_kernels.{op}: {b} has shape {tuple(base.shape)} but {i} has {tuple(index.shape)}"
         )
 
 
-def _check_compact(op, name, t, index, dtypes):
+def _check_compact(op, name, t, index, dtypes, index_name="index"):
     _checks.check_tensor(op, name, t, dtypes=dtypes, dim=1)
     if t.shape != index.shape:
         raise ValueError(
-            f"sara_kernels.{op}: {name} has shape {tuple(t.shape)} but index has {tuple(index.shape)}"
+            f"sara_kernels.{op}: {name} has shape {tuple(t.shape)} but {index_name} has {tuple(index.shape)}"
         )
     if not t.is_contiguous():
         raise ValueError(f"sara_kernels.{op}: {name} must be contiguous")
+
+
+_ADAMW_NAMES = ("weight", "index", "base", "delta", "grad", "exp_avg", "exp_avg_sq")
+_ADAMW_LIST_NAMES = ("weights", "indices", "bases", "deltas", "grads", "exp_avgs", "exp_avg_sqs")
+
+
+def _check_adamw_hyper(op, lr, beta1, beta2, eps, weight_decay):
+    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+        raise ValueError(f"sara_kernels.{op}: betas must lie in [0, 1), got ({beta1}, {beta2})")
+    if lr < 0 or eps < 0 or weight_decay < 0:
+        raise ValueError(
+            f"sara_kernels.{op}: lr={lr}, eps={eps} and weight_decay={weight_decay} must be non-negative"
+        )
+
+
+def _check_adamw_set(op, tensors, names=_ADAMW_NAMES):
+    """Every check of one (weight, index, base, delta, grad, exp_avg, exp_avg_sq) set; ``names``
+    label the tensors in messages."""
+    weight, index, base, delta, grad, exp_avg, exp_avg_sq = tensors
+    _check_weight_side(op, weight, index, base, names[:3])
+    fp32 = (torch.float32,)
+    for name, t in zip(names[3:], (delta, grad, exp_avg, exp_avg_sq), strict=True):
+        _check_compact(op, name, t, index, fp32, index_name=names[1])
+    if weight.dtype == torch.float64:
+        raise TypeError(
+            f"sara_kernels.{op}: {names[0]} dtype float64 is not supported; use fp32, bf16 or fp16"
+        )
+    _checks.check_same_device(op, **dict(zip(names, tensors, strict=True)))
+    _checks.check_index(op, index, weight.numel(), name=names[1])
 
 
 def _sparse_adamw_(
@@ -272,31 +304,10 @@ def _sparse_adamw_(
     maximize=False,
 ):
     op = "sparse_adamw_"
-    _check_weight_side(op, weight, index, base)
-    fp32 = (torch.float32,)
-    for name, t in (("delta", delta), ("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-        _check_compact(op, name, t, index, fp32)
-    if weight.dtype == torch.float64:
-        raise TypeError(f"sara_kernels.{op}: weight dtype float64 is not supported; use fp32, bf16 or fp16")
+    _check_adamw_set(op, (weight, index, base, delta, grad, exp_avg, exp_avg_sq))
     if step < 1:
         raise ValueError(f"sara_kernels.{op}: step must be >= 1 (AdamW counts from 1), got {step}")
-    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
-        raise ValueError(f"sara_kernels.{op}: betas must lie in [0, 1), got ({beta1}, {beta2})")
-    if lr < 0 or eps < 0 or weight_decay < 0:
-        raise ValueError(
-            f"sara_kernels.{op}: lr={lr}, eps={eps} and weight_decay={weight_decay} must be non-negative"
-        )
-    _checks.check_same_device(
-        op,
-        weight=weight,
-        index=index,
-        base=base,
-        delta=delta,
-        grad=grad,
-        exp_avg=exp_avg,
-        exp_avg_sq=exp_avg_sq,
-    )
-    _checks.check_index(op, index, weight.numel())
+    _check_adamw_hyper(op, lr, beta1, beta2, eps, weight_decay)
     run_sparse_adamw_(
         weight,
         index,
@@ -370,6 +381,157 @@ def _(
     exp_avg_sq,
     *,
     step,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    maximize=False,
+):
+    return None
+
+
+def _sparse_adamw_multi_(
+    weights,
+    indices,
+    bases,
+    deltas,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    *,
+    steps,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    maximize=False,
+):
+    op = "sparse_adamw_multi_"
+    lists = (weights, indices, bases, deltas, grads, exp_avgs, exp_avg_sqs, steps)
+    n = len(weights)
+    for name, values in zip(_ADAMW_LIST_NAMES[1:] + ("steps",), lists[1:], strict=True):
+        if len(values) != n:
+            raise ValueError(
+                f"sara_kernels.{op}: {name} has {len(values)} entries but weights has {n}; "
+                "every list needs one entry per weight"
+            )
+    _check_adamw_hyper(op, lr, beta1, beta2, eps, weight_decay)
+    if n == 0:
+        return
+    for i, tensors in enumerate(zip(*lists[:7], strict=True)):
+        names = tuple(f"{name}[{i}]" for name in _ADAMW_LIST_NAMES)
+        _check_adamw_set(op, tensors, names)
+        if tensors[0].device != weights[0].device:
+            raise RuntimeError(
+                f"sara_kernels.{op}: weights[{i}] is on {tensors[0].device} but weights[0] is on "
+                f"{weights[0].device}; all tensors must be on one device"
+            )
+        if steps[i] < 1:
+            raise ValueError(
+                f"sara_kernels.{op}: steps[{i}] must be >= 1 (AdamW counts from 1), got {steps[i]}"
+            )
+    _check_no_aliasing(op, weights, deltas, exp_avgs, exp_avg_sqs)
+    run_sparse_adamw_multi_(
+        weights,
+        indices,
+        bases,
+        deltas,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        steps=steps,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        maximize=maximize,
+    )
+
+
+def _check_no_aliasing(op, weights, deltas, exp_avgs, exp_avg_sqs):
+    """The sets may run concurrently: no tensor the step writes may appear twice (a weight listed
+    twice needs its indices merged into one set)."""
+    seen = {}
+    for name, values in (
+        ("weights", weights),
+        ("deltas", deltas),
+        ("exp_avgs", exp_avgs),
+        ("exp_avg_sqs", exp_avg_sqs),
+    ):
+        for i, t in enumerate(values):
+            if t.numel() == 0 or _checks._is_fake(t):
+                continue
+            key = (t.device, t.data_ptr())
+            if key in seen:
+                raise ValueError(
+                    f"sara_kernels.{op}: {name}[{i}] and {seen[key]} share memory; every tensor "
+                    "that the step writes must appear once"
+                )
+            seen[key] = f"{name}[{i}]"
+
+
+def run_sparse_adamw_multi_(
+    weights,
+    indices,
+    bases,
+    deltas,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    *,
+    steps,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    maximize=False,
+):
+    """Pick the backend (from the first weight's device) and run the multi-tensor step with no
+    Python-side checks: SparseAdamW's fast path, for tensor sets whose layers validated them when
+    they were built, on one device, with no tensor written twice (the native kernels still check
+    shapes and index ranges, and refuse aliasing)."""
+    op = "sparse_adamw_multi_"
+    if len(weights) == 0:
+        return
+    backend = _backend.select_backend(op, weights[0].device)
+    last_backend[op] = backend
+    steps = [float(step) for step in steps]
+    scalars = dict(
+        lr=float(lr),
+        beta1=float(beta1),
+        beta2=float(beta2),
+        eps=float(eps),
+        weight_decay=float(weight_decay),
+        maximize=bool(maximize),
+    )
+    lists = (weights, indices, bases, deltas, grads, exp_avgs, exp_avg_sqs)
+    if backend == "reference":
+        reference.sparse_adamw_multi_(*lists, steps=steps, **scalars)
+    elif backend == "triton":
+        _triton(op)(*lists, steps=steps, **scalars)
+    else:
+        _native(op)(*lists, steps, *scalars.values())
+
+
+_register_device_kernel("sparse_adamw_multi_", _sparse_adamw_multi_)
+_lib.impl("sparse_adamw_multi_", reference.sparse_adamw_multi_, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake(_qualname("sparse_adamw_multi_"), lib=_lib)
+def _(
+    weights,
+    indices,
+    bases,
+    deltas,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    *,
+    steps,
     lr,
     beta1,
     beta2,

@@ -108,6 +108,45 @@ def sparse_adamw_(
     weight.view(-1)[index.long()] = _merged_values(base, delta, weight.dtype)
 
 
+def sparse_adamw_multi_(
+    weights: Sequence[torch.Tensor],
+    indices: Sequence[torch.Tensor],
+    bases: Sequence[torch.Tensor],
+    deltas: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    *,
+    steps: Sequence[float],
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool = False,
+) -> None:
+    """:func:`sparse_adamw_` on each tensor set in turn, set ``i`` at step ``steps[i]``."""
+    for weight, index, base, delta, grad, exp_avg, exp_avg_sq, step in zip(
+        weights, indices, bases, deltas, grads, exp_avgs, exp_avg_sqs, steps, strict=True
+    ):
+        sparse_adamw_(
+            weight,
+            index,
+            base,
+            delta,
+            grad,
+            exp_avg,
+            exp_avg_sq,
+            step=step,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            maximize=maximize,
+        )
+
+
 def adamw_update_(
     param: torch.Tensor,
     grad: torch.Tensor,

@@ -145,7 +145,7 @@ if os.path.realpath(sara_kernels._C.__file__) != built:
     raise SystemExit(f"imported {sara_kernels._C.__file__}, not the freshly built {built}")
 
 ops = ["select_small_magnitude", "sampled_weight_grad_linear", "sampled_weight_grad_conv2d",
-       "sparse_adamw_", "scatter_merge_", "restore_"]
+       "sparse_adamw_", "sparse_adamw_multi_", "scatter_merge_", "restore_"]
 missing = [op for op in ops
            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"sara_kernels_C::{op}", "CUDA")]
 if missing:

@@ -541,6 +541,85 @@ def test_inplace_bad_input():
     assert torch.equal(w, before)
 
 
+def _multi_sets(gen, specs):
+    """[weight, index, base, delta, grad, exp_avg, exp_avg_sq] per (numel, k, weight dtype, index dtype)."""
+    sets = []
+    for numel, k, wdtype, index_dtype in specs:
+        weight = rand(numel, dtype=wdtype, gen=gen)
+        index = torch.randperm(numel, generator=gen)[:k].sort().values.to(index_dtype)
+        sets.append(
+            [
+                weight,
+                index,
+                weight[index.long()].clone(),
+                rand(k, gen=gen) * 0.01,
+                rand(k, gen=gen),
+                rand(k, gen=gen) * 0.01,
+                rand(k, gen=gen).abs() * 1e-3,
+            ]
+        )
+    return sets
+
+
+def test_sparse_adamw_multi_spans_sets_across_threads():
+    # Sets far below and far above the parallel grain, so the one parallel range starts and ends
+    # inside sets and spans many: every set must get exactly its own sparse_adamw_ (bitwise).
+    gen = torch.Generator().manual_seed(21)
+    specs = [(300, 7, torch.float32, torch.int32)] * 5
+    specs += [(200_000, 90_001, torch.bfloat16, torch.int64), (9, 9, torch.float16, torch.int32)]
+    specs += [(70_000, 33_333, torch.float32, torch.int32), (5, 0, torch.bfloat16, torch.int32)]
+    sets = _multi_sets(gen, specs)
+    singles = [[t.clone() for t in s] for s in sets]
+    steps = [float(1 + i % 4) for i in range(len(sets))]
+    hp = (1e-2, 0.9, 0.999, 1e-8, 0.01, False)
+    native().sparse_adamw_multi_(*[[s[j] for s in sets] for j in range(7)], steps, *hp)
+    for s, step in zip(singles, steps, strict=True):
+        native().sparse_adamw_(*s, step, *hp)
+    for got, want in zip(sets, singles, strict=True):
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b)
+    assert all(s[3].abs().min() > 0 for s in sets if s[1].numel())
+
+
+def test_sparse_adamw_multi_bad_input_names_the_entry():
+    ops = native()
+    gen = torch.Generator().manual_seed(22)
+    sets = _multi_sets(gen, [(40, 5, torch.float32, torch.int32), (50, 6, torch.bfloat16, torch.int32)])
+    before = [[t.clone() for t in s] for s in sets]
+    hp = (1e-3, 0.9, 0.999, 1e-8, 0.0, False)
+
+    def cols():
+        return [[s[j] for s in sets] for j in range(7)]
+
+    def with_entry(j, i, t):  # the lists, with entry i of list j replaced
+        out = cols()
+        out[j][i] = t
+        return out
+
+    cases = [
+        ((cols(), [1.0]), "sparse_adamw_multi_: steps has 1 entries but weights has 2"),
+        ((cols(), [1.0, 0.0]), r"sparse_adamw_multi_: steps\[1\] must be >= 1"),
+        ((with_entry(4, 1, sets[1][4].double()), [1.0, 1.0]), r"grads\[1\] has dtype Double"),
+        ((with_entry(1, 1, sets[1][1].flip(0)), [1.0, 1.0]), r"indices\[1\] must be sorted"),
+        ((with_entry(1, 0, sets[0][1] + 100), [1.0, 1.0]), r"indices\[0\]\[0\] = \d+ is out of range"),
+        (
+            (with_entry(0, 1, sets[1][0].double()), [1.0, 1.0]),
+            r"weights\[1\] has dtype Double|weights\[1\] dtype",
+        ),
+        ((with_entry(5, 1, sets[1][5][:2]), [1.0, 1.0]), r"exp_avgs\[1\] has 2 entries but index has 6"),
+        ((with_entry(3, 1, sets[0][3]), [1.0, 1.0]), "share memory|has 5 entries"),
+    ]
+    for (columns, steps), match in cases:
+        with pytest.raises(RuntimeError, match=match):
+            ops.sparse_adamw_multi_(*columns, steps, *hp)
+    same = [[s[j] for s in sets] + [sets[0][j]] for j in range(7)]  # set 0 listed twice
+    with pytest.raises(ValueError, match=r"weights\[2\] and weights\[0\] share memory"):
+        ops.sparse_adamw_multi_(*same, [1.0, 1.0, 1.0], *hp)
+    for s, b in zip(sets, before, strict=True):  # every check runs before anything is written
+        for t, u in zip(s, b, strict=True):
+            assert torch.equal(t, u)
+
+
 def test_backends_reports_the_variant_each_sampled_gradient_ran():
     # sara_kernels.backends() says which algorithm auto picked for the latest call of each op,
     # which variant is forced, and the auto rules.

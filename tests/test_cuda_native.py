@@ -498,6 +498,123 @@ def test_sparse_adamw_matches_reference_20_steps(wdtype, index_dtype, maximize, 
     assert torch.equal(w_cuda.view(-1)[outside], w_ref.view(-1)[outside])
 
 
+def _multi_sets(count: int, gen):
+    """`count` sets [weight, index, base, delta, grad, exp_avg, exp_avg_sq] and their steps: mixed
+    weight and index dtypes, aligned and misaligned compact vectors, 0, 1 and up to 1e5 entries."""
+    wdtypes = (torch.float32, torch.bfloat16, torch.float16)
+    sets, steps = [], []
+    for i in range(count):
+        numel = (7, 1, 300, 4099, 250_000)[i % 5]
+        density = ("none", "one", 0.3, 0.5, 0.4)[i % 5]
+        index = make_index(numel, density, gen, dtype=INDEX_DTYPES[i % 2])
+        k = index.numel()
+        weight = rand(numel, dtype=wdtypes[i % 3], gen=gen)
+        state = [
+            rand(k, gen=gen) * 0.01,
+            rand(k, gen=gen),
+            rand(k, gen=gen) * 0.01,
+            rand(k, gen=gen).abs() * 1e-3,
+        ]
+        misaligned = i % 4 == 3
+        sets.append([weight, index, weight[index.long()].clone()] + [_compact(t, misaligned) for t in state])
+        steps.append(float(1 + i % 7))
+    return sets, steps
+
+
+def _columns(sets):
+    return [[s[j] for s in sets] for j in range(7)]
+
+
+def _assert_sets_close(got_sets, want_sets, originals):
+    for got, want, original in zip(got_sets, want_sets, originals, strict=True):
+        weight, index, base, delta = got[:4]
+        for a, b in zip(got[3:], want[3:], strict=True):  # delta and the moments
+            torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-9)
+        # The weight holds base + delta at the index (as its own delta rounds) and nothing else moved.
+        assert torch.equal(weight[index.long()], (base.float() + delta).to(weight.dtype))
+        outside = torch.ones(weight.numel(), dtype=torch.bool, device="cuda")
+        outside[index.long()] = False
+        assert torch.equal(weight[outside], original[outside])
+
+
+HP = (1e-2, 0.9, 0.999, 1e-8, 0.01, False)
+
+
+def test_sparse_adamw_multi_matches_one_call_per_set():
+    # 45 sets: two launches (at most 40 sets each), several kernel instantiations (dtypes,
+    # alignment), sets of many blocks, each set at its own step.
+    sets, steps = _multi_sets(45, torch.Generator().manual_seed(31))
+    originals = [s[0].clone() for s in sets]
+    singles = [[t.clone() for t in s] for s in sets]
+    native().sparse_adamw_multi_(*_columns(sets), steps, *HP)
+    for s, step in zip(singles, steps, strict=True):
+        native().sparse_adamw_(*s, step, *HP)
+    _assert_sets_close(sets, singles, originals)
+    assert all(s[3].abs().min() > 0 for s in sets if s[1].numel())
+
+
+def test_sparse_adamw_multi_in_a_cuda_graph():
+    # The sets travel in the kernel's parameters: a captured launch replays on the same tensors.
+    sets, steps = _multi_sets(12, torch.Generator().manual_seed(32))
+    originals = [s[0].clone() for s in sets]
+    eager = [[t.clone() for t in s] for s in sets]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the capture
+        native().sparse_adamw_multi_(*_columns(sets), steps, *HP)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        native().sparse_adamw_multi_(*_columns(sets), steps, *HP)
+    graph.replay()
+    graph.replay()
+    torch.cuda.synchronize()
+    for _ in range(3):  # the warm-up and two replays
+        native().sparse_adamw_multi_(*_columns(eager), steps, *HP)
+    _assert_sets_close(sets, eager, originals)
+
+
+def test_sparse_adamw_multi_sync_index_check_names_the_op(monkeypatch):
+    monkeypatch.setenv("SARA_KERNELS_CUDA_INDEX_CHECK", "sync")
+    sets, steps = _multi_sets(3, torch.Generator().manual_seed(33))
+    before = [[t.clone() for t in s] for s in sets]
+    cols = _columns(sets)
+    cols[1][2] = sets[2][1].flip(0)
+    with pytest.raises(ValueError, match="sparse_adamw_multi_: index must be sorted"):
+        native().sparse_adamw_multi_(*cols, steps, *HP)
+    cols[1][2] = sets[2][1] + 1000
+    with pytest.raises(IndexError, match="sparse_adamw_multi_: index holds values outside"):
+        native().sparse_adamw_multi_(*cols, steps, *HP)
+    for s, b in zip(sets, before, strict=True):  # validated before anything is written
+        for t, u in zip(s, b, strict=True):
+            assert torch.equal(t, u)
+
+
+def test_sparse_adamw_multi_bad_input():
+    sets, steps = _multi_sets(3, torch.Generator().manual_seed(34))
+
+    def with_entry(j, i, t):
+        cols = _columns(sets)
+        cols[j][i] = t
+        return cols
+
+    cases = [
+        ((_columns(sets), steps[:2]), "steps has 2 entries but weights has 3"),
+        ((_columns(sets), [1.0, 0.0, 1.0]), r"steps\[1\] must be >= 1"),
+        ((with_entry(4, 2, sets[2][4].double()), steps), r"grads\[2\] has dtype"),
+        ((with_entry(6, 2, sets[2][6].cpu()), steps), r"exp_avg_sqs\[2\] must be a CUDA tensor"),
+        ((with_entry(0, 2, sets[2][0].double()), steps), r"weights\[2\] has dtype"),
+        ((with_entry(5, 2, sets[2][5][:1]), steps), r"exp_avgs\[2\] has shape"),
+        ((with_entry(3, 2, sets[2][3].view(1, -1)), steps), r"deltas\[2\] has shape"),
+    ]
+    for (cols, st), match in cases:
+        with pytest.raises((RuntimeError, TypeError, ValueError), match=match):
+            native().sparse_adamw_multi_(*cols, st, *HP)
+    twice = [c + [c[2]] for c in _columns(sets)]
+    with pytest.raises(ValueError, match=r"weights\[3\] and weights\[2\] share memory"):
+        native().sparse_adamw_multi_(*twice, steps + [1.0], *HP)
+
+
 @pytest.mark.parametrize("wdtype", DTYPES)
 @pytest.mark.parametrize("ddtype", (torch.float32, torch.float64))
 @pytest.mark.parametrize("alpha", (1.0, 0.37, -2.0))
@@ -821,15 +938,29 @@ def test_unsorted_valid_index_in_kernels(monkeypatch):
         torch.testing.assert_close(got.cpu().double(), want, **grad_tol(torch.float32, 33))
 
 
-def test_async_index_check_is_a_device_assert():
+ASYNC_ASSERT_CALLS = {
+    # restore_ runs the separate validation kernel; sparse_adamw_multi_ checks inside its own.
+    "restore_": "torch.ops.sara_kernels_C.restore_(w, index, torch.ones(2, device='cuda'))",
+    "sparse_adamw_multi_": (
+        "v = torch.zeros(2, device='cuda'); "
+        "torch.ops.sara_kernels_C.sparse_adamw_multi_([w], [index], [v + 1], [v], [v + 1], [v.clone()], "
+        "[v.clone()], [1.0], 1e-3, 0.9, 0.999, 1e-8, 0.0, False)"
+    ),
+}
+
+
+@pytest.mark.parametrize("op", sorted(ASYNC_ASSERT_CALLS))
+@pytest.mark.parametrize("bad", ("out_of_range", "unsorted"))
+def test_async_index_check_is_a_device_assert(op, bad):
     # The default (async) validation fires a device-side assertion, which poisons the CUDA
     # context: run it in a child process.
+    values = "[0, 20]" if bad == "out_of_range" else "[3, 1]"
     script = textwrap.dedent(
-        """
+        f"""
         import torch, sara_kernels
         w = torch.zeros(4, 5, device="cuda")
-        index = torch.tensor([0, 20], dtype=torch.int32, device="cuda")
-        torch.ops.sara_kernels_C.restore_(w, index, torch.ones(2, device="cuda"))
+        index = torch.tensor({values}, dtype=torch.int32, device="cuda")
+        {ASYNC_ASSERT_CALLS[op]}
         torch.cuda.synchronize()
         print("NO-ASSERT")
         """

@@ -357,6 +357,134 @@ def test_sparse_adamw_matches_torch_adamw(device, backend, weight_dtype, weight_
     assert delta.abs().min() > 0  # every selected entry moved
 
 
+# (weight shape, selected entries, weight dtype, index dtype, compact vectors 16-byte aligned)
+MULTI_SETS = [
+    ((7, 19), 53, torch.float32, torch.int32, True),
+    ((33, 65), 1001, torch.bfloat16, torch.int64, True),
+    ((5, 3), 0, torch.float16, torch.int32, True),
+    ((4, 4), 1, torch.bfloat16, torch.int32, False),
+    ((129, 17), 2047, torch.float16, torch.int32, False),
+    ((3, 3, 3, 3), 81, torch.float32, torch.int32, True),  # every entry of a conv weight
+]
+
+
+def _misaligned(values: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy that starts 4 bytes into its storage (not 16-byte aligned)."""
+    storage = torch.empty(values.numel() + 1, dtype=values.dtype, device=values.device)
+    storage[1:].copy_(values)
+    return storage[1:]
+
+
+def _adam_set(device, shape, count, weight_dtype, index_dtype, aligned):
+    """[weight, index, base, delta, grad, exp_avg, exp_avg_sq] with random non-zero state."""
+    weight = _random(shape, device=device).to(weight_dtype)
+    index = _index(weight.numel(), count, device, index_dtype)
+    k = index.numel()
+    place = (lambda t: t) if aligned else _misaligned
+    return [
+        weight,
+        index,
+        weight.view(-1)[index.long()].clone(),
+        place(_random((k,), device=device, scale=0.01)),
+        place(_random((k,), device=device)),
+        place(_random((k,), device=device, scale=0.01)),
+        place(_random((k,), device=device).abs() * 1e-3),
+    ]
+
+
+def _columns(sets):
+    return [[s[j] for s in sets] for j in range(7)]
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("weight_decay,maximize", [(0.0, False), (0.05, True)])
+def test_sparse_adamw_multi_matches_one_call_per_set(device, backend, weight_decay, maximize):
+    """Each set gets what sparse_adamw_ gives it at its own step: mixed weight and index dtypes,
+    empty and one-entry sets, misaligned compact vectors, odd sizes."""
+    sets = [_adam_set(device, *spec) for spec in MULTI_SETS]
+    singles = [[t.clone() for t in s] for s in sets]
+    reference_sets = [[t.clone() for t in s] for s in sets]
+    hyper = dict(lr=3e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=weight_decay, maximize=maximize)
+    first_step = [1, 4, 2, 9, 3, 1]  # each set at its own step count
+    with sara_kernels.use_backend(backend):
+        for it in range(4):
+            steps = [s + it for s in first_step]
+            grads = [_random((s[1].numel(),), device=device) for s in sets]
+            for s, g in zip(sets, grads, strict=True):
+                s[4].copy_(g)
+            sk.sparse_adamw_multi_(*_columns(sets), steps=steps, **hyper)
+            assert _ops.last_backend["sparse_adamw_multi_"] == backend
+            for s, g, step in zip(singles, grads, steps, strict=True):
+                s[4].copy_(g)
+                sk.sparse_adamw_(*s, step=step, **hyper)
+            for s, g, step in zip(reference_sets, grads, steps, strict=True):
+                s[4].copy_(g)
+                reference.sparse_adamw_(*s, step=float(step), **hyper)
+    for got, single, want in zip(sets, singles, reference_sets, strict=True):
+        for a, b, c in zip(got, single, want, strict=True):
+            if backend == "cuda":  # other kernels: FMA contraction may differ in the last bit
+                torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-9)
+            else:
+                assert torch.equal(a, b)
+            torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+        index = got[1].long()
+        # Only the selected entries moved, and they hold base + delta.
+        assert torch.equal(got[0].view(-1)[index], (got[2].float() + got[3]).to(got[0].dtype))
+        if index.numel():
+            assert (got[3] != single[3]).sum() == 0 and got[3].abs().min() > 0
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_sparse_adamw_multi_bad_input_names_the_entry_and_writes_nothing(device, backend):
+    sets = [_adam_set(device, *spec) for spec in MULTI_SETS[:3]]
+    before = [[t.clone() for t in s] for s in sets]
+    hyper = dict(lr=1e-3)
+
+    def call(columns, steps=(1, 1, 1)):
+        sk.sparse_adamw_multi_(*columns, steps=list(steps), **hyper)
+
+    cols = _columns(sets)
+    unsorted = [c[:] for c in cols]
+    unsorted[1] = cols[1][:1] + [cols[1][1].flip(0)] + cols[1][2:]
+    cases = [
+        (
+            [c[:2] if i == 4 else c for i, c in enumerate(cols)],
+            (1, 1, 1),
+            ValueError,
+            "grads has 2 entries but weights has 3",
+        ),
+        (cols, (1, 1), ValueError, "steps has 2 entries"),
+        (cols, (1, 0, 1), ValueError, r"steps\[1\] must be >= 1"),
+        (
+            [c[:1] + [c[1].double()] + c[2:] if i == 4 else c for i, c in enumerate(cols)],
+            (1, 1, 1),
+            TypeError,
+            r"grads\[1\] has dtype torch.float64",
+        ),
+        (unsorted, (1, 1, 1), ValueError, r"indices\[1\] must be sorted"),
+        (
+            [c[:2] + [c[0]] for c in cols],
+            (1, 1, 1),
+            ValueError,
+            r"weights\[2\] and weights\[0\] share memory",
+        ),
+        (
+            [[c[0].t()] + c[1:] if i == 0 else c for i, c in enumerate(cols)],
+            (1, 1, 1),
+            ValueError,
+            r"weights\[0\] must be contiguous",
+        ),
+    ]
+    with sara_kernels.use_backend(backend):
+        for columns, steps, error, message in cases:
+            with pytest.raises(error, match=message):
+                call(columns, steps)
+        sk.sparse_adamw_multi_([], [], [], [], [], [], [], steps=[], lr=1e-3)  # nothing to do
+    for s, b in zip(sets, before, strict=True):
+        for t, u in zip(s, b, strict=True):
+            assert torch.equal(t, u)
+
+
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("weight_dtype", FP + [torch.float64])
 @pytest.mark.parametrize("density", [0, 1, 0.05, 1.0])
@@ -423,6 +551,11 @@ def _opcheck_samples(device):
             {},
         ),
         ("sparse_adamw_", tuple(adam), adam_kwargs),
+        (
+            "sparse_adamw_multi_",
+            tuple(_columns([_adam_set(device, *spec) for spec in MULTI_SETS[:2]])),
+            dict(steps=[3.0, 1.0], lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01),
+        ),
         ("scatter_merge_", (weight.clone(), index, base, delta, 0.7), {}),
         ("restore_", (weight.clone(), index, base), {}),
     ]

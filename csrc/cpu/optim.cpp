@@ -7,6 +7,10 @@
 #include "common.h"
 
 #include <cmath>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
 
 namespace sara_kernels_cpu {
 namespace {
@@ -62,33 +66,47 @@ void check_weight_side(const char* op, const at::Tensor& weight, const at::Tenso
   check_compact(op, "base", base, k, weight.scalar_type());
 }
 
-void sparse_adamw_cpu(const at::Tensor& weight,      // any shape, fp32/bf16/fp16, contiguous
-                      const at::Tensor& index,       // [k] int32/int64 into weight.view(-1)
-                      const at::Tensor& base,        // [k] weight dtype
-                      const at::Tensor& delta,       // [k] fp32, updated
-                      const at::Tensor& grad,        // [k] fp32
-                      const at::Tensor& exp_avg,     // [k] fp32, updated
-                      const at::Tensor& exp_avg_sq,  // [k] fp32, updated
-                      double step, double lr, double beta1, double beta2, double eps,
-                      double weight_decay, bool maximize) {
-  constexpr const char* op = "sparse_adamw_";
-  check_weight_side(op, weight, index, base);
-  TORCH_CHECK(weight.scalar_type() != at::kDouble, op_name(op),
-              ": weight dtype Double is not supported; use Float, BFloat16 or Half");
+// The argument names of one AdamW tensor set in error messages: "weight", ... for sparse_adamw_,
+// "weights[3]", ... for entry 3 of sparse_adamw_multi_.
+struct AdamNames {
+  std::string weight = "weight", index = "index", base = "base", delta = "delta", grad = "grad",
+              exp_avg = "exp_avg", exp_avg_sq = "exp_avg_sq";
+  static AdamNames at(size_t i) {
+    const std::string s = "[" + std::to_string(i) + "]";
+    return {"weights" + s, "indices" + s, "bases" + s, "deltas" + s, "grads" + s, "exp_avgs" + s,
+            "exp_avg_sqs" + s};
+  }
+};
+
+// Every check of one AdamW tensor set (dtypes, devices, sizes, layout, index values).
+void check_adamw_tensors(const char* op, const AdamNames& n, const at::Tensor& weight,
+                         const at::Tensor& index, const at::Tensor& base, const at::Tensor& delta,
+                         const at::Tensor& grad, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq) {
+  check_float_tensor(op, n.weight.c_str(), weight);
+  TORCH_CHECK(weight.scalar_type() != at::kDouble, op_name(op), ": ", n.weight,
+              " dtype Double is not supported; use Float, BFloat16 or Half");
+  check_index_tensor(op, index, n.index.c_str());
   const int64_t k = index.numel();
-  check_compact(op, "delta", delta, k, at::kFloat);
-  check_compact(op, "grad", grad, k, at::kFloat);
-  check_compact(op, "exp_avg", exp_avg, k, at::kFloat);
-  check_compact(op, "exp_avg_sq", exp_avg_sq, k, at::kFloat);
-  TORCH_CHECK(step >= 1, op_name(op), ": step must be >= 1 (AdamW counts from 1), got ", num(step));
+  check_compact(op, n.base.c_str(), base, k, weight.scalar_type());
+  check_compact(op, n.delta.c_str(), delta, k, at::kFloat);
+  check_compact(op, n.grad.c_str(), grad, k, at::kFloat);
+  check_compact(op, n.exp_avg.c_str(), exp_avg, k, at::kFloat);
+  check_compact(op, n.exp_avg_sq.c_str(), exp_avg_sq, k, at::kFloat);
+  check_index(op, index, weight.numel(), n.index.c_str());
+}
+
+void check_adamw_hyper(const char* op, double lr, double beta1, double beta2, double eps,
+                       double weight_decay) {
   TORCH_CHECK(beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1, op_name(op),
               ": betas must lie in [0, 1), got (", num(beta1), ", ", num(beta2), ")");
   TORCH_CHECK(lr >= 0 && eps >= 0 && weight_decay >= 0, op_name(op), ": lr=", num(lr), ", eps=", num(eps),
               " and weight_decay=", num(weight_decay), " must be non-negative");
-  check_index(op, index, weight.numel());
-  if (k == 0) return;
-  // Host scalars in double, as Python computes them, then rounded to fp32 where a tensor op
-  // would receive them.
+}
+
+// Host scalars in double, as Python computes them, then rounded to fp32 where a tensor op
+// would receive them.
+AdamScalars adam_scalars(double step, double lr, double beta1, double beta2, double eps,
+                         double weight_decay, bool maximize) {
   const double bc1 = 1.0 - std::pow(beta1, step);
   const double bc2 = 1.0 - std::pow(beta2, step);
   AdamScalars s{};
@@ -101,19 +119,104 @@ void sparse_adamw_cpu(const at::Tensor& weight,      // any shape, fp32/bf16/fp1
   s.eps = static_cast<float>(eps);
   s.neg_step_size = static_cast<float>(-(lr / bc1));
   s.maximize = maximize;
-  AT_DISPATCH_INDEX_TYPES(index.scalar_type(), op, [&] {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), op, [&] {
-      scalar_t* w = weight.data_ptr<scalar_t>();
-      const index_t* idx = index.const_data_ptr<index_t>();
-      const scalar_t* bp = base.const_data_ptr<scalar_t>();
-      float* dp = delta.data_ptr<float>();
-      const float* gp = grad.const_data_ptr<float>();
-      float* mp = exp_avg.data_ptr<float>();
-      float* vp = exp_avg_sq.data_ptr<float>();
-      at::parallel_for(0, k, kElementwiseGrain, [&](int64_t b, int64_t e) {
-        adamw_entries<scalar_t, index_t>(w, idx, bp, dp, gp, mp, vp, b, e, s);
-      });
+  return s;
+}
+
+// Entries [b, e) of one tensor set, dispatched on its weight and index dtypes.
+void adamw_range(const at::Tensor& weight, const at::Tensor& index, const at::Tensor& base,
+                 const at::Tensor& delta, const at::Tensor& grad, const at::Tensor& exp_avg,
+                 const at::Tensor& exp_avg_sq, int64_t b, int64_t e, const AdamScalars& s) {
+  AT_DISPATCH_INDEX_TYPES(index.scalar_type(), "sara_kernels_sparse_adamw_", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "sara_kernels_sparse_adamw_", [&] {
+      adamw_entries<scalar_t, index_t>(weight.data_ptr<scalar_t>(), index.const_data_ptr<index_t>(),
+                                       base.const_data_ptr<scalar_t>(), delta.data_ptr<float>(),
+                                       grad.const_data_ptr<float>(), exp_avg.data_ptr<float>(),
+                                       exp_avg_sq.data_ptr<float>(), b, e, s);
     });
+  });
+}
+
+void sparse_adamw_cpu(const at::Tensor& weight,      // any shape, fp32/bf16/fp16, contiguous
+                      const at::Tensor& index,       // [k] int32/int64 into weight.view(-1)
+                      const at::Tensor& base,        // [k] weight dtype
+                      const at::Tensor& delta,       // [k] fp32, updated
+                      const at::Tensor& grad,        // [k] fp32
+                      const at::Tensor& exp_avg,     // [k] fp32, updated
+                      const at::Tensor& exp_avg_sq,  // [k] fp32, updated
+                      double step, double lr, double beta1, double beta2, double eps,
+                      double weight_decay, bool maximize) {
+  constexpr const char* op = "sparse_adamw_";
+  TORCH_CHECK(step >= 1, op_name(op), ": step must be >= 1 (AdamW counts from 1), got ", num(step));
+  check_adamw_hyper(op, lr, beta1, beta2, eps, weight_decay);
+  check_adamw_tensors(op, AdamNames{}, weight, index, base, delta, grad, exp_avg, exp_avg_sq);
+  const int64_t k = index.numel();
+  if (k == 0) return;
+  const AdamScalars s = adam_scalars(step, lr, beta1, beta2, eps, weight_decay, maximize);
+  at::parallel_for(0, k, kElementwiseGrain, [&](int64_t b, int64_t e) {
+    adamw_range(weight, index, base, delta, grad, exp_avg, exp_avg_sq, b, e, s);
+  });
+}
+
+// The sets run in parallel, so no two may write the same memory: each weight, delta and moment
+// vector appears once (a weight listed twice would need its indices merged into one set).
+void check_no_aliasing(const char* op, at::TensorList weights, at::TensorList deltas, at::TensorList exp_avgs,
+                       at::TensorList exp_avg_sqs) {
+  std::unordered_map<const void*, std::string> seen;
+  const std::pair<const char*, at::TensorList> lists[] = {
+      {"weights", weights}, {"deltas", deltas}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}};
+  for (const auto& [name, list] : lists) {
+    for (size_t i = 0; i < list.size(); ++i) {
+      if (list[i].numel() == 0) continue;
+      std::string here = std::string(name) + "[" + std::to_string(i) + "]";
+      const auto [it, inserted] = seen.emplace(list[i].data_ptr(), here);
+      TORCH_CHECK_VALUE(inserted, op_name(op), ": ", here, " and ", it->second,
+                        " share memory; every tensor that the step writes must appear once");
+    }
+  }
+}
+
+// sparse_adamw_ over lists of tensor sets (one per layer), each with its own step, in one call:
+// the entries of all sets are one parallel range, so many small layers share the thread pool's
+// work instead of waking it once per layer.
+void sparse_adamw_multi_cpu(at::TensorList weights, at::TensorList indices, at::TensorList bases,
+                            at::TensorList deltas, at::TensorList grads, at::TensorList exp_avgs,
+                            at::TensorList exp_avg_sqs, at::ArrayRef<double> steps, double lr, double beta1,
+                            double beta2, double eps, double weight_decay, bool maximize) {
+  constexpr const char* op = "sparse_adamw_multi_";
+  const size_t n = weights.size();
+  const std::pair<const char*, size_t> lengths[] = {
+      {"indices", indices.size()}, {"bases", bases.size()},         {"deltas", deltas.size()},
+      {"grads", grads.size()},     {"exp_avgs", exp_avgs.size()}, {"exp_avg_sqs", exp_avg_sqs.size()},
+      {"steps", steps.size()}};
+  for (const auto& [name, size] : lengths) {
+    TORCH_CHECK(size == n, op_name(op), ": ", name, " has ", num(size), " entries but weights has ", num(n),
+                "; every list needs one entry per weight");
+  }
+  check_adamw_hyper(op, lr, beta1, beta2, eps, weight_decay);
+  std::vector<int64_t> offsets(n + 1, 0);
+  std::vector<AdamScalars> scalars(n);
+  for (size_t i = 0; i < n; ++i) {
+    TORCH_CHECK(steps[i] >= 1, op_name(op), ": steps[", num(i), "] must be >= 1 (AdamW counts from 1), got ",
+                num(steps[i]));
+    check_adamw_tensors(op, AdamNames::at(i), weights[i], indices[i], bases[i], deltas[i], grads[i],
+                        exp_avgs[i], exp_avg_sqs[i]);
+    offsets[i + 1] = offsets[i] + indices[i].numel();
+    scalars[i] = adam_scalars(steps[i], lr, beta1, beta2, eps, weight_decay, maximize);
+  }
+  check_no_aliasing(op, weights, deltas, exp_avgs, exp_avg_sqs);
+  const int64_t total = offsets[n];
+  if (total == 0) return;
+  at::parallel_for(0, total, kElementwiseGrain, [&](int64_t b, int64_t e) {
+    // The first set whose entries reach past b, then set by set to e.
+    size_t i = std::upper_bound(offsets.begin(), offsets.end(), b) - offsets.begin() - 1;
+    for (; i < n && offsets[i] < e; ++i) {
+      const int64_t lo = std::max(b, offsets[i]) - offsets[i];
+      const int64_t hi = std::min(e, offsets[i + 1]) - offsets[i];
+      if (lo < hi) {
+        adamw_range(weights[i], indices[i], bases[i], deltas[i], grads[i], exp_avgs[i], exp_avg_sqs[i], lo, hi,
+                    scalars[i]);
+      }
+    }
   });
 }
 
@@ -184,6 +287,7 @@ void restore_cpu(const at::Tensor& weight,  // any shape, contiguous
 
 TORCH_LIBRARY_IMPL(sara_kernels_C, CPU, m) {
   m.impl("sparse_adamw_", &sara_kernels_cpu::sparse_adamw_cpu);
+  m.impl("sparse_adamw_multi_", &sara_kernels_cpu::sparse_adamw_multi_cpu);
   m.impl("scatter_merge_", &sara_kernels_cpu::scatter_merge_cpu);
   m.impl("restore_", &sara_kernels_cpu::restore_cpu);
 }

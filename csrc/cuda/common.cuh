@@ -163,4 +163,9 @@ inline at::Tensor checked_index(const char* op, const at::Tensor& index, const a
 //   "0" / "off": no validation (kernels still skip out-of-range indices).
 void validate_index(const char* op, const at::Tensor& index, int64_t numel);
 
+// The mode SARA_KERNELS_CUDA_INDEX_CHECK selects (see validate_index). Kernels that fold the
+// check into their own pass (sparse_adamw_multi_) read it here.
+enum class IndexCheckMode { kOff, kAsync, kSync };
+IndexCheckMode index_check_mode();
+
 }  // namespace sara_kernels_cuda

@@ -34,7 +34,7 @@ __global__ void validate_index_kernel(const index_t* __restrict__ index, int64_t
   }
 }
 
-enum class Mode { kOff, kAsync, kSync };
+using Mode = IndexCheckMode;
 
 Mode mode_from_env() {
   const char* env = std::getenv("SARA_KERNELS_CUDA_INDEX_CHECK");
@@ -51,6 +51,8 @@ Mode mode_from_env() {
 }
 
 }  // namespace
+
+IndexCheckMode index_check_mode() { return mode_from_env(); }
 
 void validate_index(const char* op, const at::Tensor& index, int64_t numel) {
   const int64_t k = index.numel();

@@ -8,6 +8,12 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <map>
+#include <string>
+#include <tuple>
+#include <unordered_map>
+#include <utility>
+#include <vector>
 
 namespace sara_kernels_cuda {
 namespace {
@@ -46,6 +52,70 @@ __device__ __forceinline__ void adam_write(weight_t* __restrict__ weight, int64_
   if (f >= 0 && f < numel) weight[f] = static_cast<weight_t>(static_cast<float>(base[j]) + d);
 }
 
+// Entries [4t, min(4t + 4, k)) of one tensor set. kVec: delta/grad/exp_avg/exp_avg_sq are 16-byte
+// aligned and a full group moves with float4 loads and stores (a partial group, entry by entry).
+// kCheck: a device-side assertion on each entry's index (in range, above the previous one), the
+// check validate_index would run as a separate pass.
+template <typename weight_t, typename index_t, bool kVec, bool kCheck>
+__device__ __forceinline__ void adam_group(weight_t* __restrict__ weight, int64_t numel, const index_t* __restrict__ index,
+                                           const weight_t* __restrict__ base, float* __restrict__ delta,
+                                           const float* __restrict__ grad, float* __restrict__ exp_avg,
+                                           float* __restrict__ exp_avg_sq, int64_t k, int64_t t, const AdamScalars& s) {
+  const int64_t j0 = 4 * t;
+  if (kVec && j0 + 4 <= k) {
+    // Every load of the group is issued before the first use (one memory round trip per
+    // thread instead of two: the index and base loads no longer wait for the update).
+    float4 d4 = reinterpret_cast<const float4*>(delta)[t];
+    const float4 g4 = reinterpret_cast<const float4*>(grad)[t];
+    float4 m4 = reinterpret_cast<const float4*>(exp_avg)[t];
+    float4 v4 = reinterpret_cast<const float4*>(exp_avg_sq)[t];
+    int64_t f[4];
+    float b[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      f[e] = static_cast<int64_t>(index[j0 + e]);
+      b[e] = static_cast<float>(base[j0 + e]);
+    }
+    if constexpr (kCheck) {
+      int64_t previous = j0 > 0 ? static_cast<int64_t>(index[j0 - 1]) : -1;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        CUDA_KERNEL_ASSERT(f[e] >= 0 && f[e] < numel && "sara_kernels: index holds a value outside [0, weight.numel())");
+        CUDA_KERNEL_ASSERT(f[e] > previous && "sara_kernels: index must be sorted in strictly increasing order");
+        previous = f[e];
+      }
+    }
+    adam_update(d4.x, g4.x, m4.x, v4.x, s);
+    adam_update(d4.y, g4.y, m4.y, v4.y, s);
+    adam_update(d4.z, g4.z, m4.z, v4.z, s);
+    adam_update(d4.w, g4.w, m4.w, v4.w, s);
+    reinterpret_cast<float4*>(delta)[t] = d4;
+    reinterpret_cast<float4*>(exp_avg)[t] = m4;
+    reinterpret_cast<float4*>(exp_avg_sq)[t] = v4;
+    const float d[4] = {d4.x, d4.y, d4.z, d4.w};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      if (f[e] >= 0 && f[e] < numel) weight[f[e]] = static_cast<weight_t>(b[e] + d[e]);
+    }
+  } else {
+    const int64_t end = j0 + 4 < k ? j0 + 4 : k;
+    for (int64_t j = j0; j < end; ++j) {
+      if constexpr (kCheck) {
+        const int64_t f = static_cast<int64_t>(index[j]);
+        CUDA_KERNEL_ASSERT(f >= 0 && f < numel && "sara_kernels: index holds a value outside [0, weight.numel())");
+        CUDA_KERNEL_ASSERT((j == 0 || static_cast<int64_t>(index[j - 1]) < f) &&
+                           "sara_kernels: index must be sorted in strictly increasing order");
+      }
+      float d = delta[j], m = exp_avg[j], v = exp_avg_sq[j];
+      adam_update(d, grad[j], m, v, s);
+      delta[j] = d;
+      exp_avg[j] = m;
+      exp_avg_sq[j] = v;
+      adam_write(weight, numel, index, base, j, d);
+    }
+  }
+}
+
 // kVec: delta/grad/exp_avg/exp_avg_sq are 16-byte aligned; each thread handles 4 entries with
 // float4 loads and stores (the last, partial group element by element).
 template <typename weight_t, typename index_t, bool kVec>
@@ -58,43 +128,7 @@ __global__ void __launch_bounds__(kThreads)
   if constexpr (kVec) {
     const int64_t groups = (k + 3) / 4;
     for (int64_t t = first; t < groups; t += stride) {
-      const int64_t j0 = 4 * t;
-      if (j0 + 4 <= k) {
-        // Every load of the group is issued before the first use (one memory round trip per
-        // thread instead of two: the index and base loads no longer wait for the update).
-        float4 d4 = reinterpret_cast<const float4*>(delta)[t];
-        const float4 g4 = reinterpret_cast<const float4*>(grad)[t];
-        float4 m4 = reinterpret_cast<const float4*>(exp_avg)[t];
-        float4 v4 = reinterpret_cast<const float4*>(exp_avg_sq)[t];
-        int64_t f[4];
-        float b[4];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          f[e] = static_cast<int64_t>(index[j0 + e]);
-          b[e] = static_cast<float>(base[j0 + e]);
-        }
-        adam_update(d4.x, g4.x, m4.x, v4.x, s);
-        adam_update(d4.y, g4.y, m4.y, v4.y, s);
-        adam_update(d4.z, g4.z, m4.z, v4.z, s);
-        adam_update(d4.w, g4.w, m4.w, v4.w, s);
-        reinterpret_cast<float4*>(delta)[t] = d4;
-        reinterpret_cast<float4*>(exp_avg)[t] = m4;
-        reinterpret_cast<float4*>(exp_avg_sq)[t] = v4;
-        const float d[4] = {d4.x, d4.y, d4.z, d4.w};
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          if (f[e] >= 0 && f[e] < numel) weight[f[e]] = static_cast<weight_t>(b[e] + d[e]);
-        }
-      } else {
-        for (int64_t j = j0; j < k; ++j) {
-          float d = delta[j], m = exp_avg[j], v = exp_avg_sq[j];
-          adam_update(d, grad[j], m, v, s);
-          delta[j] = d;
-          exp_avg[j] = m;
-          exp_avg_sq[j] = v;
-          adam_write(weight, numel, index, base, j, d);
-        }
-      }
+      adam_group<weight_t, index_t, true, false>(weight, numel, index, base, delta, grad, exp_avg, exp_avg_sq, k, t, s);
     }
   } else {
     for (int64_t j = first; j < k; j += stride) {
@@ -108,46 +142,121 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// sparse_adamw_multi_: many tensor sets (one per layer) per launch
+// ---------------------------------------------------------------------------------------------
+// The sets of one launch travel in the kernel's parameters (no device-side table to fill, so a
+// CUDA graph captures the launch as is). Each set gets ceil(k / kEntriesPerBlock) blocks; a block
+// finds its set by a binary search over the block offsets. 40 sets keep the parameters under the
+// 4 KB every CUDA version accepts; a UNet's 282 weights take 8 launches instead of 282.
+constexpr int kMultiMaxSets = 40;
+constexpr int64_t kEntriesPerBlock = 4LL * kThreads;
+
+struct MultiAdamSets {
+  void* weight[kMultiMaxSets];
+  const void* index[kMultiMaxSets];
+  const void* base[kMultiMaxSets];
+  float* delta[kMultiMaxSets];
+  const float* grad[kMultiMaxSets];
+  float* exp_avg[kMultiMaxSets];
+  float* exp_avg_sq[kMultiMaxSets];
+  int64_t numel[kMultiMaxSets];
+  int64_t k[kMultiMaxSets];
+  float neg_step_size[kMultiMaxSets];  // per set: its step's bias corrections
+  float inv_bc2_sqrt[kMultiMaxSets];
+  int64_t block_start[kMultiMaxSets + 1];  // set i owns blocks [block_start[i], block_start[i + 1])
+  int count;
+};
+static_assert(sizeof(MultiAdamSets) + sizeof(AdamScalars) <= 4000, "kernel parameters must stay under 4 KB");
+
+template <typename weight_t, typename index_t, bool kVec, bool kCheck>
+__global__ void __launch_bounds__(kThreads)
+    sparse_adamw_multi_kernel(const __grid_constant__ MultiAdamSets sets, const AdamScalars common) {
+  const int64_t block = blockIdx.x;
+  int lo = 0, hi = sets.count - 1;  // the last set whose first block is <= this block
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (sets.block_start[mid] <= block) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  const int i = lo;
+  const int64_t k = sets.k[i];
+  const int64_t t = (block - sets.block_start[i]) * kThreads + threadIdx.x;  // this thread's group of 4
+  if (4 * t >= k) return;
+  AdamScalars s = common;
+  s.neg_step_size = sets.neg_step_size[i];
+  s.inv_bc2_sqrt = sets.inv_bc2_sqrt[i];
+  adam_group<weight_t, index_t, kVec, kCheck>(
+      static_cast<weight_t*>(sets.weight[i]), sets.numel[i], static_cast<const index_t*>(sets.index[i]),
+      static_cast<const weight_t*>(sets.base[i]), sets.delta[i], sets.grad[i], sets.exp_avg[i], sets.exp_avg_sq[i],
+      k, t, s);
+}
+
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
-void sparse_adamw_cuda(const at::Tensor& weight, const at::Tensor& index_in, const at::Tensor& base_in,
-                       const at::Tensor& delta, const at::Tensor& grad_in, const at::Tensor& exp_avg,
-                       const at::Tensor& exp_avg_sq, double step, double lr, double beta1, double beta2, double eps,
-                       double weight_decay, bool maximize) {
-  const char* op = "sparse_adamw_";
-  check_cuda(op, "weight", weight, weight.device());
-  const c10::cuda::CUDAGuard guard(weight.device());
+// The argument names of one tensor set in error messages: "weight", ... for sparse_adamw_,
+// "weights[3]", ... for set 3 of sparse_adamw_multi_.
+struct AdamNames {
+  std::string weight = "weight", index = "index", base = "base", delta = "delta", grad = "grad",
+              exp_avg = "exp_avg", exp_avg_sq = "exp_avg_sq";
+  static AdamNames at(size_t i) {
+    const std::string s = "[" + std::to_string(i) + "]";
+    return {"weights" + s, "indices" + s, "bases" + s, "deltas" + s, "grads" + s, "exp_avgs" + s,
+            "exp_avg_sqs" + s};
+  }
+};
+
+// One tensor set, checked, with contiguous index/base/grad (the mutated vectors must already be
+// contiguous: they are written in place).
+struct AdamSet {
+  at::Tensor weight, index, base, delta, grad, exp_avg, exp_avg_sq;
+};
+
+AdamSet checked_adam_set(const char* op, const AdamNames& n, const at::Device& device, const at::Tensor& weight,
+                         const at::Tensor& index_in, const at::Tensor& base_in, const at::Tensor& delta,
+                         const at::Tensor& grad_in, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq) {
+  check_cuda(op, n.weight.c_str(), weight, device);
   TORCH_CHECK_TYPE(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kHalf ||
                        weight.scalar_type() == at::kBFloat16,
-                   "sara_kernels_C.", op, ": weight has dtype ", weight.scalar_type(),
+                   "sara_kernels_C.", op, ": ", n.weight, " has dtype ", weight.scalar_type(),
                    "; expected one of Float, Half, BFloat16");
-  check_contiguous(op, "weight", weight);
-  const at::Tensor index = checked_index(op, index_in, weight.device(), weight.numel());
-  const int64_t k = index.numel();
-  check_cuda(op, "base", base_in, weight.device());
-  check_dtype(op, "base", base_in, weight.scalar_type());
-  check_size(op, "base", base_in, k);
-  const std::pair<const char*, const at::Tensor*> compact[] = {
-      {"delta", &delta}, {"grad", &grad_in}, {"exp_avg", &exp_avg}, {"exp_avg_sq", &exp_avg_sq}};
+  check_contiguous(op, n.weight.c_str(), weight);
+  const int64_t numel = weight.numel();
+  check_cuda(op, n.index.c_str(), index_in, device);
+  TORCH_CHECK_TYPE(index_in.scalar_type() == at::kInt || index_in.scalar_type() == at::kLong, "sara_kernels_C.", op,
+                   ": ", n.index, " has dtype ", index_in.scalar_type(), "; expected Int or Long");
+  check_dim(op, n.index.c_str(), index_in, 1);
+  TORCH_CHECK_TYPE(index_in.scalar_type() == at::kLong || numel <= INT32_MAX, "sara_kernels_C.", op, ": ", n.index,
+                   " is int32 but the weight has ", num(numel), " entries (>= 2**31); use int64 indices");
+  const int64_t k = index_in.numel();
+  check_cuda(op, n.base.c_str(), base_in, device);
+  check_dtype(op, n.base.c_str(), base_in, weight.scalar_type());
+  check_size(op, n.base.c_str(), base_in, k);
+  const std::pair<const std::string*, const at::Tensor*> compact[] = {
+      {&n.delta, &delta}, {&n.grad, &grad_in}, {&n.exp_avg, &exp_avg}, {&n.exp_avg_sq, &exp_avg_sq}};
   for (const auto& [name, t] : compact) {
-    check_cuda(op, name, *t, weight.device());
-    check_dtype(op, name, *t, at::kFloat);
-    check_size(op, name, *t, k);
+    check_cuda(op, name->c_str(), *t, device);
+    check_dtype(op, name->c_str(), *t, at::kFloat);
+    check_size(op, name->c_str(), *t, k);
   }
-  // The mutated compact vectors must be contiguous (written in place); grad and base are read only.
-  check_contiguous(op, "delta", delta);
-  check_contiguous(op, "exp_avg", exp_avg);
-  check_contiguous(op, "exp_avg_sq", exp_avg_sq);
-  TORCH_CHECK_VALUE(step >= 1.0, "sara_kernels_C.", op, ": step must be >= 1, got ", num(step));
+  check_contiguous(op, n.delta.c_str(), delta);
+  check_contiguous(op, n.exp_avg.c_str(), exp_avg);
+  check_contiguous(op, n.exp_avg_sq.c_str(), exp_avg_sq);
+  return {weight, index_in.contiguous(), base_in.contiguous(), delta, grad_in.contiguous(), exp_avg, exp_avg_sq};
+}
+
+void check_adam_hyper(const char* op, double beta1, double beta2) {
   TORCH_CHECK_VALUE(beta1 >= 0.0 && beta1 < 1.0 && beta2 >= 0.0 && beta2 < 1.0, "sara_kernels_C.", op,
                     ": betas must lie in [0, 1), got (", num(beta1), ", ", num(beta2), ")");
-  if (k == 0) return;
-  const at::Tensor base = base_in.contiguous();
-  const at::Tensor grad = grad_in.contiguous();
-  validate_index(op, index, weight.numel());
+}
 
-  // Python-float arithmetic (double) as in torch.optim / sara_kernels.reference, then the fp32
-  // rounding the tensor ops apply to their scalar arguments.
+// Python-float arithmetic (double) as in torch.optim / sara_kernels.reference, then the fp32
+// rounding the tensor ops apply to their scalar arguments.
+AdamScalars adam_scalars(double step, double lr, double beta1, double beta2, double eps, double weight_decay,
+                         bool maximize) {
   const double bias_correction1 = 1.0 - std::pow(beta1, step);
   const double bias_correction2 = 1.0 - std::pow(beta2, step);
   const double step_size = lr / bias_correction1;
@@ -162,6 +271,27 @@ void sparse_adamw_cuda(const at::Tensor& weight, const at::Tensor& index_in, con
   s.neg_step_size = static_cast<float>(-step_size);
   s.apply_decay = weight_decay != 0.0;
   s.maximize = maximize;
+  return s;
+}
+
+void sparse_adamw_cuda(const at::Tensor& weight, const at::Tensor& index_in, const at::Tensor& base_in,
+                       const at::Tensor& delta, const at::Tensor& grad_in, const at::Tensor& exp_avg,
+                       const at::Tensor& exp_avg_sq, double step, double lr, double beta1, double beta2, double eps,
+                       double weight_decay, bool maximize) {
+  const char* op = "sparse_adamw_";
+  check_cuda(op, "weight", weight, weight.device());
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const AdamSet set =
+      checked_adam_set(op, AdamNames{}, weight.device(), weight, index_in, base_in, delta, grad_in, exp_avg, exp_avg_sq);
+  TORCH_CHECK_VALUE(step >= 1.0, "sara_kernels_C.", op, ": step must be >= 1, got ", num(step));
+  check_adam_hyper(op, beta1, beta2);
+  const int64_t k = set.index.numel();
+  if (k == 0) return;
+  const at::Tensor& index = set.index;
+  const at::Tensor& base = set.base;
+  const at::Tensor& grad = set.grad;
+  validate_index(op, index, weight.numel());
+  const AdamScalars s = adam_scalars(step, lr, beta1, beta2, eps, weight_decay, maximize);
 
   const bool vec = aligned16(delta.data_ptr()) && aligned16(grad.data_ptr()) && aligned16(exp_avg.data_ptr()) &&
                    aligned16(exp_avg_sq.data_ptr());
@@ -185,6 +315,133 @@ void sparse_adamw_cuda(const at::Tensor& weight, const at::Tensor& index_in, con
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
+}
+
+// Launches over the sets listed in `order` (all of one weight dtype, index dtype and alignment),
+// kMultiMaxSets at a time.
+template <typename weight_t, typename index_t, bool kVec>
+void launch_multi(const std::vector<AdamSet>& sets, const std::vector<AdamScalars>& scalars,
+                  const std::vector<size_t>& order, const AdamScalars& common, bool check, cudaStream_t stream) {
+  size_t next = 0;
+  while (next < order.size()) {
+    MultiAdamSets args{};
+    int64_t blocks = 0;
+    int count = 0;
+    for (; next < order.size() && count < kMultiMaxSets; ++next) {
+      const AdamSet& set = sets[order[next]];
+      const int64_t k = set.index.numel();
+      const int64_t need = ceil_div(k, kEntriesPerBlock);
+      if (count > 0 && blocks + need > INT32_MAX) break;  // the grid's x dimension
+      TORCH_CHECK(need <= INT32_MAX, "sara_kernels_C.sparse_adamw_multi_: a set of ", num(k),
+                  " entries is too large for one launch");
+      args.weight[count] = set.weight.data_ptr();
+      args.index[count] = set.index.data_ptr();
+      args.base[count] = set.base.data_ptr();
+      args.delta[count] = set.delta.data_ptr<float>();
+      args.grad[count] = set.grad.data_ptr<float>();
+      args.exp_avg[count] = set.exp_avg.data_ptr<float>();
+      args.exp_avg_sq[count] = set.exp_avg_sq.data_ptr<float>();
+      args.numel[count] = set.weight.numel();
+      args.k[count] = k;
+      args.neg_step_size[count] = scalars[order[next]].neg_step_size;
+      args.inv_bc2_sqrt[count] = scalars[order[next]].inv_bc2_sqrt;
+      args.block_start[count] = blocks;
+      blocks += need;
+      ++count;
+    }
+    args.block_start[count] = blocks;
+    args.count = count;
+    const dim3 grid(static_cast<unsigned int>(blocks));
+    if (check) {
+      sparse_adamw_multi_kernel<weight_t, index_t, kVec, true><<<grid, kThreads, 0, stream>>>(args, common);
+    } else {
+      sparse_adamw_multi_kernel<weight_t, index_t, kVec, false><<<grid, kThreads, 0, stream>>>(args, common);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+// The sets run concurrently, so no two may write the same memory: each weight, delta and moment
+// vector appears once (a weight listed twice would need its indices merged into one set).
+void check_no_aliasing(const char* op, const std::vector<AdamSet>& sets) {
+  std::unordered_map<const void*, std::string> seen;
+  for (size_t i = 0; i < sets.size(); ++i) {
+    const std::pair<const char*, const at::Tensor*> written[] = {{"weights", &sets[i].weight},
+                                                                 {"deltas", &sets[i].delta},
+                                                                 {"exp_avgs", &sets[i].exp_avg},
+                                                                 {"exp_avg_sqs", &sets[i].exp_avg_sq}};
+    for (const auto& [name, t] : written) {
+      if (t->numel() == 0) continue;
+      std::string here = std::string(name) + "[" + std::to_string(i) + "]";
+      const auto [it, inserted] = seen.emplace(t->data_ptr(), here);
+      TORCH_CHECK_VALUE(inserted, "sara_kernels_C.", op, ": ", here, " and ", it->second,
+                        " share memory; every tensor that the step writes must appear once");
+    }
+  }
+}
+
+void sparse_adamw_multi_cuda(at::TensorList weights, at::TensorList indices, at::TensorList bases,
+                             at::TensorList deltas, at::TensorList grads, at::TensorList exp_avgs,
+                             at::TensorList exp_avg_sqs, at::ArrayRef<double> steps, double lr, double beta1,
+                             double beta2, double eps, double weight_decay, bool maximize) {
+  const char* op = "sparse_adamw_multi_";
+  const size_t n = weights.size();
+  const std::pair<const char*, size_t> lengths[] = {
+      {"indices", indices.size()}, {"bases", bases.size()},         {"deltas", deltas.size()},
+      {"grads", grads.size()},     {"exp_avgs", exp_avgs.size()}, {"exp_avg_sqs", exp_avg_sqs.size()},
+      {"steps", steps.size()}};
+  for (const auto& [name, size] : lengths) {
+    TORCH_CHECK_VALUE(size == n, "sara_kernels_C.", op, ": ", name, " has ", num(size), " entries but weights has ",
+                      num(n), "; every list needs one entry per weight");
+  }
+  check_adam_hyper(op, beta1, beta2);
+  if (n == 0) return;
+  check_cuda(op, "weights[0]", weights[0], weights[0].device());
+  const at::Device device = weights[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  std::vector<AdamSet> sets;
+  std::vector<AdamScalars> scalars;
+  sets.reserve(n);
+  scalars.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    sets.push_back(checked_adam_set(op, AdamNames::at(i), device, weights[i], indices[i], bases[i], deltas[i],
+                                    grads[i], exp_avgs[i], exp_avg_sqs[i]));
+    TORCH_CHECK_VALUE(steps[i] >= 1.0, "sara_kernels_C.", op, ": steps[", num(i), "] must be >= 1, got ",
+                      num(steps[i]));
+    scalars.push_back(adam_scalars(steps[i], lr, beta1, beta2, eps, weight_decay, maximize));
+  }
+  check_no_aliasing(op, sets);
+  const IndexCheckMode mode = index_check_mode();
+  if (mode == IndexCheckMode::kSync) {
+    for (size_t i = 0; i < n; ++i) validate_index(op, sets[i].index, sets[i].weight.numel());
+  }
+  // Sets grouped by what the kernel is compiled for: weight dtype, index dtype, float4 alignment.
+  std::map<std::tuple<int, int, bool>, std::vector<size_t>> groups;
+  for (size_t i = 0; i < n; ++i) {
+    const AdamSet& set = sets[i];
+    if (set.index.numel() == 0) continue;
+    const bool vec = aligned16(set.delta.data_ptr()) && aligned16(set.grad.data_ptr()) &&
+                     aligned16(set.exp_avg.data_ptr()) && aligned16(set.exp_avg_sq.data_ptr());
+    groups[{static_cast<int>(set.weight.scalar_type()), static_cast<int>(set.index.scalar_type()), vec}].push_back(i);
+  }
+  const AdamScalars common = scalars.empty() ? AdamScalars{} : scalars[0];  // per-set fields are overridden
+  const bool check = mode == IndexCheckMode::kAsync;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  for (const auto& [key, order] : groups) {
+    const auto weight_type = static_cast<at::ScalarType>(std::get<0>(key));
+    const auto index_type = static_cast<at::ScalarType>(std::get<1>(key));
+    const bool vec = std::get<2>(key);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight_type, "sara_kernels_sparse_adamw_multi_", [&] {
+      using weight_t = scalar_t;
+      AT_DISPATCH_INDEX_TYPES(index_type, "sara_kernels_sparse_adamw_multi_index", [&] {
+        if (vec) {
+          launch_multi<weight_t, index_t, true>(sets, scalars, order, common, check, stream);
+        } else {
+          launch_multi<weight_t, index_t, false>(sets, scalars, order, common, check, stream);
+        }
+      });
+    });
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -297,6 +554,7 @@ void restore_cuda(const at::Tensor& weight, const at::Tensor& index_in, const at
 
 TORCH_LIBRARY_IMPL(sara_kernels_C, CUDA, m) {
   m.impl("sparse_adamw_", TORCH_FN(sara_kernels_cuda::sparse_adamw_cuda));
+  m.impl("sparse_adamw_multi_", TORCH_FN(sara_kernels_cuda::sparse_adamw_multi_cuda));
   m.impl("scatter_merge_", TORCH_FN(sara_kernels_cuda::scatter_merge_cuda));
   m.impl("restore_", TORCH_FN(sara_kernels_cuda::restore_cuda));
 }

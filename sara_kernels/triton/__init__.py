@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import triton  # noqa: F401  (fail here, with ImportError, when triton is absent)
 
-from sara_kernels.triton.optim import restore_, scatter_merge_, sparse_adamw_
+from sara_kernels.triton.optim import restore_, scatter_merge_, sparse_adamw_, sparse_adamw_multi_
 from sara_kernels.triton.sampled_grad import sampled_weight_grad_conv2d, sampled_weight_grad_linear
 
 __all__ = [
@@ -23,4 +23,5 @@ __all__ = [
     "sampled_weight_grad_linear",
     "scatter_merge_",
     "sparse_adamw_",
+    "sparse_adamw_multi_",
 ]

@@ -172,6 +172,16 @@ def sparse_adamw_(
         )
 
 
+def sparse_adamw_multi_(
+    weights, indices, bases, deltas, grads, exp_avgs, exp_avg_sqs, *, steps, **scalars
+) -> None:
+    """:func:`sparse_adamw_` on each tensor set, one launch per set (set ``i`` at ``steps[i]``)."""
+    for weight, index, base, delta, grad, exp_avg, exp_avg_sq, step in zip(
+        weights, indices, bases, deltas, grads, exp_avgs, exp_avg_sqs, steps, strict=True
+    ):
+        sparse_adamw_(weight, index, base, delta, grad, exp_avg, exp_avg_sq, step=step, **scalars)
+
+
 # ---------------------------------------------------------------------------------------------
 # Merge and restore
 # ---------------------------------------------------------------------------------------------
