@@ -15,7 +15,8 @@ Rows:
             1280 @ 16x16, 1280 @ 8x8), batch 1 and 8.
   adamw     sparse_adamw_ over k = 5.8% of a 1280x1280 weight and of an 860M-entry weight.
   step      one optimizer step over the 282 Linear/Conv2d weights of SD 1.5's UNet (5.8% of each
-            selected): SparseAdamW (one fused call per layer, per backend) against torch's fused
+            selected): SparseAdamW per backend (all layers in one sparse_adamw_multi_ call, and
+            with foreach=False one sparse_adamw_ call per layer) against torch's fused
             AdamW on the same deltas followed by the re-merge the next forward does, and against
             torch's fused AdamW over the dense fp32 weights (full fine-tuning's step). Per-layer
             launches and Python dispatch count here, as they do in training.
@@ -445,22 +446,24 @@ def step_rows(runner: Runner, dtype: torch.dtype, quick: bool) -> None:
         )
 
     for backend in optimizer_backends(device):
-        opt = sara_kernels.SparseAdamW(deltas, lr=1e-4)
+        # foreach (the default): one sparse_adamw_multi_ call for all layers; per layer: one
+        # sparse_adamw_ call each (foreach=False), what the optimizer did before the multi op.
+        for foreach, suffix in ((True, ""), (False, " per-layer")):
+            variant = f"SparseAdamW/{backend}{suffix}"
+            opt = sara_kernels.SparseAdamW(deltas, lr=1e-4, foreach=foreach)
 
-        def sparse_step(opt=opt, backend=backend):
-            with sara_kernels.use_backend(backend):
-                opt.step()
+            def sparse_step(opt=opt, backend=backend):
+                with sara_kernels.use_backend(backend):
+                    opt.step()
 
-        try:
-            ms = bench_ms(sparse_step, device, runner.reps)
-            graph = graph_ms(sparse_step, device)
-        except Exception as exc:
-            runner.record(
-                kind="step", shape=shape, variant=f"SparseAdamW/{backend}", ms=None, error=repr(exc)[:300]
-            )
-            continue
-        record(f"SparseAdamW/{backend}", ms, graph, GBps=moved / ms / 1e6)
-        del opt, sparse_step
+            try:
+                ms = bench_ms(sparse_step, device, runner.reps)
+                graph = graph_ms(sparse_step, device)
+            except Exception as exc:
+                runner.record(kind="step", shape=shape, variant=variant, ms=None, error=repr(exc)[:300])
+                continue
+            record(variant, ms, graph, GBps=moved / ms / 1e6)
+            del opt, sparse_step
 
     fused = dict(fused=True) if device == "cuda" else dict(foreach=True)
     torch_opt = torch.optim.AdamW(deltas, lr=1e-4, **fused)

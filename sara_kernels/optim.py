@@ -1,6 +1,6 @@
 """``SparseAdamW``: AdamW over the k-sized deltas with the fused op (update + weight write-back).
 
-State per delta: ``step`` (a float tensor, as torch.optim.AdamW keeps it), ``exp_avg`` and
+State per delta: ``step`` (a Python float; a tensor from a checkpoint is accepted), ``exp_avg`` and
 ``exp_avg_sq`` (fp32, k entries). The arithmetic is torch.optim.AdamW's (bias correction;
 decoupled weight decay, which here pulls the delta toward 0, i.e. the weight toward its
 pre-trained value). Parameters that are not sparse deltas (a bias or norm layer kept trainable)
@@ -36,6 +36,10 @@ class SparseAdamW(torch.optim.Optimizer):
         params: the deltas (``sara_kernels.sparse_parameters(model)``) or param groups; other
             trainable tensors are allowed (plain AdamW on them).
         lr, betas, eps, weight_decay, maximize: as ``torch.optim.AdamW`` (weight_decay default 1e-2).
+        foreach: ``None``/``True`` (default) updates every layer of a device in one call
+            (:func:`sara_kernels.ops.sparse_adamw_multi_`: a few kernel launches per step instead of
+            one per layer); ``False`` calls :func:`sara_kernels.ops.sparse_adamw_` once per layer.
+            Both give the same numbers.
 
     Works with param groups, LR schedulers, ``state_dict()``/``load_state_dict()`` (a resumed run
     follows the same trajectory bit for bit) and ``zero_grad(set_to_none=True)``.
@@ -53,6 +57,7 @@ class SparseAdamW(torch.optim.Optimizer):
         weight_decay: float = 1e-2,
         *,
         maximize: bool = False,
+        foreach: bool | None = None,
     ):
         if not (isinstance(lr, (int, float)) and lr >= 0):
             raise ValueError(f"SparseAdamW: lr must be a non-negative number, got {lr!r}")
@@ -60,7 +65,11 @@ class SparseAdamW(torch.optim.Optimizer):
             raise ValueError(f"SparseAdamW: betas must lie in [0, 1), got {betas}")
         if eps < 0 or weight_decay < 0:
             raise ValueError(f"SparseAdamW: eps={eps} and weight_decay={weight_decay} must be non-negative")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize)
+        if foreach not in (None, True, False):
+            raise ValueError(f"SparseAdamW: foreach must be None, True or False, got {foreach!r}")
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize, foreach=foreach
+        )
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
@@ -73,7 +82,7 @@ class SparseAdamW(torch.optim.Optimizer):
     def _init_state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
         if len(state) == 0:
-            state["step"] = torch.tensor(0.0)
+            state["step"] = 0.0
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
@@ -94,6 +103,7 @@ class SparseAdamW(torch.optim.Optimizer):
                 weight_decay=float(group["weight_decay"]),
                 maximize=bool(group["maximize"]),
             )
+            fused = []  # (delta, its layer, grad, state): the fused update + write-back
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -101,8 +111,6 @@ class SparseAdamW(torch.optim.Optimizer):
                 if grad.is_sparse:
                     raise RuntimeError("SparseAdamW: sparse (COO) gradients are not supported")
                 state = self._init_state(p)
-                state["step"] += 1
-                step = float(state["step"])
                 layer = layer_of(p)
                 if (
                     layer is not None
@@ -110,25 +118,53 @@ class SparseAdamW(torch.optim.Optimizer):
                     and grad.dtype == torch.float32
                     and grad.shape == p.shape
                 ):
-                    # Straight to the backend: the layer's tensors were validated when it was built
-                    # (the op's Python checks cost ~50-90 us per call, x282 layers on a UNet).
-                    _ops.run_sparse_adamw_(
-                        layer.weight,
-                        layer.sparse_index,
-                        layer.sparse_base,
-                        p,
-                        grad.contiguous(),
-                        state["exp_avg"],
-                        state["exp_avg_sq"],
-                        step=step,
-                        **hyper,
-                    )
-                    mark_merged(p)  # the weight holds base + delta: no re-merge before the forward
+                    fused.append((p, layer, grad, state))
                 else:
+                    step = state["step"] = float(state["step"]) + 1.0
                     reference.adamw_update_(
                         p, grad, state["exp_avg"], state["exp_avg_sq"], step=step, **hyper
                     )
+            if fused:
+                self._fused_step(fused, hyper, group.get("foreach"))
         return loss
+
+    def _fused_step(self, fused: list, hyper: dict, foreach: bool | None) -> None:
+        # Straight to the backend: the layers' tensors were validated when they were built (the
+        # ops' Python checks cost ~50-90 us per call, x282 layers on a UNet).
+        sets = []
+        for p, layer, grad, state in fused:
+            # The step count is a Python float here (a tensor increment per layer costs more than
+            # the update of a small layer); a tensor from an older checkpoint converts on its first step.
+            step = state["step"] = float(state["step"]) + 1.0
+            sets.append(
+                (
+                    layer.weight,
+                    layer.sparse_index,
+                    layer.sparse_base,
+                    p,
+                    grad.contiguous(),
+                    state["exp_avg"],
+                    state["exp_avg_sq"],
+                    step,
+                )
+            )
+        if foreach is not False:
+            # One call for all the sets of a device (a few kernel launches on CUDA, one parallel
+            # range on the CPU), unless two layers share a weight (tied weights run one by one).
+            by_device: dict = {}
+            for entry in sets:
+                by_device.setdefault(entry[0].device, []).append(entry)
+            sets = []
+            for entries in by_device.values():
+                if len({entry[0].data_ptr() for entry in entries}) == len(entries):
+                    columns = list(zip(*entries, strict=True))
+                    _ops.run_sparse_adamw_multi_(*columns[:7], steps=columns[7], **hyper)
+                else:
+                    sets.extend(entries)
+        for weight, index, base, delta, grad, exp_avg, exp_avg_sq, step in sets:
+            _ops.run_sparse_adamw_(weight, index, base, delta, grad, exp_avg, exp_avg_sq, step=step, **hyper)
+        for p, _, _, _ in fused:
+            mark_merged(p)  # the weight holds base + delta: no re-merge before the forward
 
 
 __all__ = ["SparseAdamW", "paper_learning_rate"]

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sara_kernels as sk
-from sara_kernels import _backend
+from sara_kernels import _backend, _ops
 from sara_kernels.nn import SparseDeltaConv2d, SparseDeltaLinear
 
 
@@ -519,6 +519,94 @@ def test_sparse_adamw_keeps_weight_merged_without_remerge(monkeypatch):
     loss_of(net, x, y)
     assert len(merges) == len(DENSE_NAMES)  # a plain optimizer step: each layer re-merges once
     _assert_merged(net)
+
+
+def _train_steps(net, opt, steps=4):
+    x, y = batch()
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_of(net, x, y).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_adamw_foreach_and_per_layer_calls_agree_bitwise(backend):
+    """foreach (one sparse_adamw_multi_ call for all layers) and foreach=False (one sparse_adamw_
+    per layer) run the same arithmetic: same deltas, moments, merged weights and step counts, with
+    a trainable non-sparse parameter (plain AdamW) in the same group."""
+    nets, opts = [], []
+    for foreach in (None, False):
+        net = sk.apply_sara(make_net(), sk.SaRAConfig(fraction=0.05))
+        net.norm.weight.requires_grad_(True)
+        params = sk.sparse_parameters(net) + [net.norm.weight]
+        nets.append(net)
+        opts.append(
+            sk.SparseAdamW([{"params": params[:3], "lr": 2e-2}, {"params": params[3:]}], foreach=foreach)
+        )
+    with sk.use_backend(backend):
+        for net, opt in zip(nets, opts, strict=True):
+            _train_steps(net, opt)
+        if backend != "reference":
+            assert _ops.last_backend["sparse_adamw_multi_"] == backend
+    for n in DENSE_NAMES:
+        la, lb = nets[0].get_submodule(n), nets[1].get_submodule(n)
+        assert torch.equal(la.sparse_delta, lb.sparse_delta)
+        assert torch.equal(la.weight, lb.weight)
+        assert la.sparse_delta.abs().max() > 0
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opts[0].state[la.sparse_delta][key], opts[1].state[lb.sparse_delta][key])
+        assert opts[0].state[la.sparse_delta]["step"] == 4.0
+    assert torch.equal(nets[0].norm.weight, nets[1].norm.weight)
+    _assert_merged(nets[0])
+
+
+def test_sparse_adamw_tied_weights_step_one_layer_at_a_time():
+    # Two layers sharing one weight cannot go into one multi-tensor call (it refuses a weight that
+    # appears twice); the optimizer steps them one by one, as foreach=False does.
+    def tied():
+        torch.manual_seed(3)
+        model = nn.Sequential(nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False))
+        model[1].weight = model[0].weight
+        return sk.apply_sara(model, sk.SaRAConfig(fraction=0.2))
+
+    models = [tied(), tied()]
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(4))
+    for model, foreach in zip(models, (None, False), strict=True):
+        opt = sk.SparseAdamW(sk.sparse_parameters(model), lr=1e-2, foreach=foreach)
+        for _ in range(3):
+            opt.zero_grad()
+            model(x).square().sum().backward()
+            opt.step()
+    assert models[0][0].weight.data_ptr() == models[0][1].weight.data_ptr()
+    assert torch.equal(models[0][0].weight, models[1][0].weight)
+    for a, b in zip(sk.sparse_parameters(models[0]), sk.sparse_parameters(models[1]), strict=True):
+        assert torch.equal(a, b) and a.abs().max() > 0
+
+
+def test_sparse_adamw_resumes_from_a_checkpoint_with_tensor_steps():
+    # Checkpoints that hold the step count as a tensor (torch.optim's convention) still load; the
+    # count continues as a Python float.
+    straight_net = sk.apply_sara(make_net(), sk.SaRAConfig(fraction=0.05))
+    straight = sk.SparseAdamW(sk.sparse_parameters(straight_net), lr=1e-2)
+    _train_steps(straight_net, straight, 5)
+    net = sk.apply_sara(make_net(), sk.SaRAConfig(fraction=0.05))
+    opt = sk.SparseAdamW(sk.sparse_parameters(net), lr=1e-2)
+    _train_steps(net, opt, 2)
+    checkpoint = opt.state_dict()
+    for state in checkpoint["state"].values():
+        assert isinstance(state["step"], float)
+        state["step"] = torch.tensor(state["step"])
+    resumed = sk.SparseAdamW(sk.sparse_parameters(net), lr=1e-2)
+    resumed.load_state_dict(checkpoint)
+    _train_steps(net, resumed, 3)
+    for p, q in zip(sk.sparse_parameters(straight_net), sk.sparse_parameters(net), strict=True):
+        assert torch.equal(p, q)
+        assert resumed.state[q]["step"] == 5.0 and isinstance(resumed.state[q]["step"], float)
+
+
+def test_sparse_adamw_rejects_bad_foreach():
+    with pytest.raises(ValueError, match="foreach must be None, True or False"):
+        sk.SparseAdamW([nn.Parameter(torch.zeros(3))], foreach="yes")
 
 
 def test_paper_learning_rate():
