@@ -7,6 +7,7 @@
 #include "common.h"
 
 #include <cmath>
+#include <deque>
 #include <string>
 #include <unordered_map>
 #include <utility>
@@ -71,10 +72,15 @@ void check_weight_side(const char* op, const at::Tensor& weight, const at::Tenso
 struct AdamNames {
   std::string weight = "weight", index = "index", base = "base", delta = "delta", grad = "grad",
               exp_avg = "exp_avg", exp_avg_sq = "exp_avg_sq";
-  static AdamNames at(size_t i) {
-    const std::string s = "[" + std::to_string(i) + "]";
-    return {"weights" + s, "indices" + s, "bases" + s, "deltas" + s, "grads" + s, "exp_avgs" + s,
-            "exp_avg_sqs" + s};
+  // The names of set i, built once per thread and index (not 7 strings per set and call).
+  static const AdamNames& at(size_t i) {
+    thread_local std::deque<AdamNames> cache;
+    while (cache.size() <= i) {
+      const std::string s = "[" + std::to_string(cache.size()) + "]";
+      cache.push_back({"weights" + s, "indices" + s, "bases" + s, "deltas" + s, "grads" + s, "exp_avgs" + s,
+                       "exp_avg_sqs" + s});
+    }
+    return cache[i];
   }
 };
 
@@ -161,16 +167,16 @@ void sparse_adamw_cpu(const at::Tensor& weight,      // any shape, fp32/bf16/fp1
 // vector appears once (a weight listed twice would need its indices merged into one set).
 void check_no_aliasing(const char* op, at::TensorList weights, at::TensorList deltas, at::TensorList exp_avgs,
                        at::TensorList exp_avg_sqs) {
-  std::unordered_map<const void*, std::string> seen;
+  std::unordered_map<const void*, std::pair<const char*, size_t>> seen;  // address -> (list, position)
+  seen.reserve(4 * weights.size());
   const std::pair<const char*, at::TensorList> lists[] = {
       {"weights", weights}, {"deltas", deltas}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}};
   for (const auto& [name, list] : lists) {
     for (size_t i = 0; i < list.size(); ++i) {
       if (list[i].numel() == 0) continue;
-      std::string here = std::string(name) + "[" + std::to_string(i) + "]";
-      const auto [it, inserted] = seen.emplace(list[i].data_ptr(), here);
-      TORCH_CHECK_VALUE(inserted, op_name(op), ": ", here, " and ", it->second,
-                        " share memory; every tensor that the step writes must appear once");
+      const auto [it, inserted] = seen.emplace(list[i].data_ptr(), std::make_pair(name, i));
+      TORCH_CHECK_VALUE(inserted, op_name(op), ": ", name, "[", num(i), "] and ", it->second.first, "[",
+                        num(it->second.second), "] share memory; every tensor that the step writes must appear once");
     }
   }
 }

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <deque>
 #include <map>
 #include <string>
 #include <tuple>
@@ -202,10 +203,15 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) ==
 struct AdamNames {
   std::string weight = "weight", index = "index", base = "base", delta = "delta", grad = "grad",
               exp_avg = "exp_avg", exp_avg_sq = "exp_avg_sq";
-  static AdamNames at(size_t i) {
-    const std::string s = "[" + std::to_string(i) + "]";
-    return {"weights" + s, "indices" + s, "bases" + s, "deltas" + s, "grads" + s, "exp_avgs" + s,
-            "exp_avg_sqs" + s};
+  // The names of set i, built once per thread and index (not 7 strings per set and call).
+  static const AdamNames& at(size_t i) {
+    thread_local std::deque<AdamNames> cache;
+    while (cache.size() <= i) {
+      const std::string s = "[" + std::to_string(cache.size()) + "]";
+      cache.push_back({"weights" + s, "indices" + s, "bases" + s, "deltas" + s, "grads" + s, "exp_avgs" + s,
+                       "exp_avg_sqs" + s});
+    }
+    return cache[i];
   }
 };
 
@@ -364,7 +370,8 @@ void launch_multi(const std::vector<AdamSet>& sets, const std::vector<AdamScalar
 // The sets run concurrently, so no two may write the same memory: each weight, delta and moment
 // vector appears once (a weight listed twice would need its indices merged into one set).
 void check_no_aliasing(const char* op, const std::vector<AdamSet>& sets) {
-  std::unordered_map<const void*, std::string> seen;
+  std::unordered_map<const void*, std::pair<const char*, size_t>> seen;  // address -> (list, position)
+  seen.reserve(4 * sets.size());
   for (size_t i = 0; i < sets.size(); ++i) {
     const std::pair<const char*, const at::Tensor*> written[] = {{"weights", &sets[i].weight},
                                                                  {"deltas", &sets[i].delta},
@@ -372,10 +379,9 @@ void check_no_aliasing(const char* op, const std::vector<AdamSet>& sets) {
                                                                  {"exp_avg_sqs", &sets[i].exp_avg_sq}};
     for (const auto& [name, t] : written) {
       if (t->numel() == 0) continue;
-      std::string here = std::string(name) + "[" + std::to_string(i) + "]";
-      const auto [it, inserted] = seen.emplace(t->data_ptr(), here);
-      TORCH_CHECK_VALUE(inserted, "sara_kernels_C.", op, ": ", here, " and ", it->second,
-                        " share memory; every tensor that the step writes must appear once");
+      const auto [it, inserted] = seen.emplace(t->data_ptr(), std::make_pair(name, i));
+      TORCH_CHECK_VALUE(inserted, "sara_kernels_C.", op, ": ", name, "[", num(i), "] and ", it->second.first, "[",
+                        num(it->second.second), "] share memory; every tensor that the step writes must appear once");
     }
   }
 }
