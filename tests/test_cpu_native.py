@@ -389,6 +389,16 @@ def test_opcheck():
         (ops.scatter_merge_, (w.clone(), index, w.view(-1)[index.long()].clone(), rand(k, gen=gen), 0.5)),
         (ops.restore_, (w.clone(), index, w.view(-1)[index.long()].clone())),
     ]
+    # Inputs that require grad (what sparse_linear's backward passes under create_graph=True): the
+    # ATen GEMMs / oneDNN calls inside run below autograd, so no variant fails on them and no
+    # output requires grad (autograd_registration checks that).
+    gr, xr = g.clone().requires_grad_(), x.clone().requires_grad_()
+    gcr, xcr = gc.clone().requires_grad_(), xc.clone().requires_grad_()
+    for variant in (0, 1, 2):
+        samples.append((ops.sampled_weight_grad_linear, (gr, xr, index, 9, 11, variant)))
+        samples.append(
+            (ops.sampled_weight_grad_conv2d, (gcr, xcr, cindex, wshape, [1, 1], [1, 1], [1, 1], 2, variant))
+        )
     for op, args in samples:
         torch.library.opcheck(op, args, test_utils=utils)
 

@@ -8,6 +8,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <c10/util/irange.h>

@@ -234,6 +234,9 @@ at::Tensor sampled_weight_grad_conv2d_cpu(const at::Tensor& grad_out,  // [N, O,
                                           at::IntArrayRef padding,       // [2]
                                           at::IntArrayRef dilation,      // [2]
                                           int64_t groups, int64_t variant) {
+  // The ATen ops inside (GEMMs, cuDNN/oneDNN weight gradients) run below autograd: inputs that
+  // require grad must neither fail (mm's out= variant refuses them) nor give an output that does.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_float_tensor(kOp, "grad_out", grad_out);
   check_float_tensor(kOp, "x", x);
   TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), op_name(kOp), ": grad_out has dtype ",

@@ -171,6 +171,9 @@ at::Tensor sampled_weight_grad_linear_cpu(const at::Tensor& grad_out,  // [N, ou
                                           const at::Tensor& index,     // [k] int32/int64
                                           int64_t out_features, int64_t in_features,
                                           int64_t variant) {
+  // The ATen ops inside (GEMMs, cuDNN/oneDNN weight gradients) run below autograd: inputs that
+  // require grad must neither fail (mm's out= variant refuses them) nor give an output that does.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_float_tensor(kOp, "grad_out", grad_out);
   check_float_tensor(kOp, "x", x);
   TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), op_name(kOp), ": grad_out has dtype ",

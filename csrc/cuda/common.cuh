@@ -6,6 +6,7 @@
 #pragma once
 
 #include <ATen/Dispatch.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>

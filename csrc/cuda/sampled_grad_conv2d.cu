@@ -259,6 +259,9 @@ at::Tensor sampled_weight_grad_conv2d_cuda(const at::Tensor& grad_out, const at:
                                            const at::Tensor& index_in, at::IntArrayRef weight_shape,
                                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                            int64_t groups, int64_t variant) {
+  // The ATen ops inside (GEMMs, cuDNN/oneDNN weight gradients) run below autograd: inputs that
+  // require grad must neither fail (mm's out= variant refuses them) nor give an output that does.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const char* op = "sampled_weight_grad_conv2d";
   check_cuda(op, "grad_out", grad_out, grad_out.device());
   const c10::cuda::CUDAGuard guard(grad_out.device());

@@ -463,6 +463,9 @@ void linear_tiled(const at::Tensor& g, const at::Tensor& x, const at::Tensor& in
 at::Tensor sampled_weight_grad_linear_cuda(const at::Tensor& grad_out, const at::Tensor& x,
                                            const at::Tensor& index_in, int64_t out_features, int64_t in_features,
                                            int64_t variant) {
+  // The ATen ops inside (GEMMs, cuDNN/oneDNN weight gradients) run below autograd: inputs that
+  // require grad must neither fail (mm's out= variant refuses them) nor give an output that does.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const char* op = "sampled_weight_grad_linear";
   check_cuda(op, "grad_out", grad_out, grad_out.device());
   const c10::cuda::CUDAGuard guard(grad_out.device());
