@@ -5,6 +5,11 @@
 Prints microseconds per call (mean over timed loops) for: nn.Linear forward, SparseDeltaLinear
 forward (eager fast path), the registered op sara_kernels.sparse_linear forward, and forward +
 backward of the dense and sparse layers. Small shapes make the Python/dispatcher cost visible.
+
+Then one optimizer step over --layers such layers (282: SD 1.5's Linear/Conv2d count), per layer:
+SparseAdamW (all layers in one sparse_adamw_multi_ call), SparseAdamW(foreach=False) (one
+sparse_adamw_ call per layer) and torch.optim.AdamW(foreach=True) on the same deltas (without the
+re-merge its next forward adds). The update of --k entries is tiny; what is left is the host cost.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--k", type=int, default=200)
     parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--layers", type=int, default=282, help="layers in the optimizer-step rows")
+    parser.add_argument("--steps", type=int, default=200, help="timed optimizer steps")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -54,8 +61,21 @@ def main() -> None:
         "dense forward+backward": _bench(lambda: dense(x).sum().backward(), args.calls),
         "sparse layer forward+backward": _bench(lambda: sparse(x).sum().backward(), args.calls),
     }
+    model = torch.nn.Sequential(*[torch.nn.Linear(f, f) for _ in range(args.layers)])
+    sk.apply_sara(model, sk.SaRAConfig(count=args.k, budget_scope="per_layer"))
+    model(torch.randn(1, f))  # the first forward registers each delta's layer for the fused step
+    deltas = sk.sparse_parameters(model)
+    for p in deltas:
+        p.grad = torch.randn_like(p)
+    optimizers = {
+        "SparseAdamW step": sk.SparseAdamW(deltas, lr=1e-4),
+        "SparseAdamW(foreach=False) step": sk.SparseAdamW(deltas, lr=1e-4, foreach=False),
+        "torch AdamW(foreach) step": torch.optim.AdamW(deltas, lr=1e-4, foreach=True),
+    }
+    for name, opt in optimizers.items():
+        rows[f"{name}, per layer"] = _bench(opt.step, args.steps) / args.layers
     for name, us in rows.items():
-        print(f"{name:<32} {us:8.1f} us")
+        print(f"{name:<40} {us:8.1f} us")
     print(json.dumps({"args": vars(args), "us_per_call": rows}))
 
 
