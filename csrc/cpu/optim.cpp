@@ -5,6 +5,7 @@
 // bound; fusing the AdamW update with the write-back saves the ~9 separate passes (and the
 // temporaries) of the op-by-op PyTorch version.
 #include "common.h"
+#include "adam_names.h"
 
 #include <cmath>
 #include <deque>
@@ -14,6 +15,8 @@
 #include <vector>
 
 namespace sara_kernels_cpu {
+
+using sara_kernels_msg::AdamNames;
 namespace {
 
 struct AdamScalars {
@@ -67,22 +70,6 @@ void check_weight_side(const char* op, const at::Tensor& weight, const at::Tenso
   check_compact(op, "base", base, k, weight.scalar_type());
 }
 
-// The argument names of one AdamW tensor set in error messages: "weight", ... for sparse_adamw_,
-// "weights[3]", ... for entry 3 of sparse_adamw_multi_.
-struct AdamNames {
-  std::string weight = "weight", index = "index", base = "base", delta = "delta", grad = "grad",
-              exp_avg = "exp_avg", exp_avg_sq = "exp_avg_sq";
-  // The names of set i, built once per thread and index (not 7 strings per set and call).
-  static const AdamNames& at(size_t i) {
-    thread_local std::deque<AdamNames> cache;
-    while (cache.size() <= i) {
-      const std::string s = "[" + std::to_string(cache.size()) + "]";
-      cache.push_back({"weights" + s, "indices" + s, "bases" + s, "deltas" + s, "grads" + s, "exp_avgs" + s,
-                       "exp_avg_sqs" + s});
-    }
-    return cache[i];
-  }
-};
 
 // Every check of one AdamW tensor set (dtypes, devices, sizes, layout, index values).
 void check_adamw_tensors(const char* op, const AdamNames& n, const at::Tensor& weight,

@@ -4,6 +4,7 @@
 // lies outside [0, weight.numel()) never touches the weight (sparse_adamw_ still updates its
 // compact state, which is not indexed).
 #include "common.cuh"
+#include "adam_names.h"
 
 #include <torch/library.h>
 
@@ -17,6 +18,8 @@
 #include <vector>
 
 namespace sara_kernels_cuda {
+
+using sara_kernels_msg::AdamNames;
 namespace {
 
 // ---------------------------------------------------------------------------------------------
@@ -51,6 +54,20 @@ __device__ __forceinline__ void adam_write(weight_t* __restrict__ weight, int64_
                                            const weight_t* __restrict__ base, int64_t j, float d) {
   const int64_t f = static_cast<int64_t>(index[j]);
   if (f >= 0 && f < numel) weight[f] = static_cast<weight_t>(static_cast<float>(base[j]) + d);
+}
+
+// Entry j of one tensor set, on its own (the non-vectorised paths).
+template <typename weight_t, typename index_t>
+__device__ __forceinline__ void adam_entry(weight_t* __restrict__ weight, int64_t numel, const index_t* __restrict__ index,
+                                           const weight_t* __restrict__ base, float* __restrict__ delta,
+                                           const float* __restrict__ grad, float* __restrict__ exp_avg,
+                                           float* __restrict__ exp_avg_sq, int64_t j, const AdamScalars& s) {
+  float d = delta[j], m = exp_avg[j], v = exp_avg_sq[j];
+  adam_update(d, grad[j], m, v, s);
+  delta[j] = d;
+  exp_avg[j] = m;
+  exp_avg_sq[j] = v;
+  adam_write(weight, numel, index, base, j, d);
 }
 
 // Entries [4t, min(4t + 4, k)) of one tensor set. kVec: delta/grad/exp_avg/exp_avg_sq are 16-byte
@@ -107,12 +124,7 @@ __device__ __forceinline__ void adam_group(weight_t* __restrict__ weight, int64_
         CUDA_KERNEL_ASSERT((j == 0 || static_cast<int64_t>(index[j - 1]) < f) &&
                            "sara_kernels: index must be sorted in strictly increasing order");
       }
-      float d = delta[j], m = exp_avg[j], v = exp_avg_sq[j];
-      adam_update(d, grad[j], m, v, s);
-      delta[j] = d;
-      exp_avg[j] = m;
-      exp_avg_sq[j] = v;
-      adam_write(weight, numel, index, base, j, d);
+      adam_entry(weight, numel, index, base, delta, grad, exp_avg, exp_avg_sq, j, s);
     }
   }
 }
@@ -133,12 +145,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   } else {
     for (int64_t j = first; j < k; j += stride) {
-      float d = delta[j], m = exp_avg[j], v = exp_avg_sq[j];
-      adam_update(d, grad[j], m, v, s);
-      delta[j] = d;
-      exp_avg[j] = m;
-      exp_avg_sq[j] = v;
-      adam_write(weight, numel, index, base, j, d);
+      adam_entry(weight, numel, index, base, delta, grad, exp_avg, exp_avg_sq, j, s);
     }
   }
 }
@@ -198,22 +205,6 @@ __global__ void __launch_bounds__(kThreads)
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
-// The argument names of one tensor set in error messages: "weight", ... for sparse_adamw_,
-// "weights[3]", ... for set 3 of sparse_adamw_multi_.
-struct AdamNames {
-  std::string weight = "weight", index = "index", base = "base", delta = "delta", grad = "grad",
-              exp_avg = "exp_avg", exp_avg_sq = "exp_avg_sq";
-  // The names of set i, built once per thread and index (not 7 strings per set and call).
-  static const AdamNames& at(size_t i) {
-    thread_local std::deque<AdamNames> cache;
-    while (cache.size() <= i) {
-      const std::string s = "[" + std::to_string(cache.size()) + "]";
-      cache.push_back({"weights" + s, "indices" + s, "bases" + s, "deltas" + s, "grads" + s, "exp_avgs" + s,
-                       "exp_avg_sqs" + s});
-    }
-    return cache[i];
-  }
-};
 
 // One tensor set, checked, with contiguous index/base/grad (the mutated vectors must already be
 // contiguous: they are written in place).
