@@ -14,7 +14,8 @@
 # installed into a temporary folder first. Time limits (s): TEST_TIMEOUT (the whole test run,
 # default 240), BENCH_TIMEOUT (default 240), UNET_TIMEOUT (default 300). SKIP_TESTS=1, SKIP_BENCH=1
 # and SKIP_UNET=1 skip a part; TEST_FILES and TEST_K narrow the tests; BENCH_ARGS go to the kernel
-# benchmark; UNET_METHODS to the UNet benchmark.
+# benchmark; UNET_METHODS to the UNet benchmark. NCU_ADAMW=1 adds one launch of each fused AdamW
+# kernel under Nsight Compute ($OUT/ncu_adamw.csv; NCU_TIMEOUT, default 240).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results}"
@@ -110,6 +111,32 @@ if [ -z "${SKIP_UNET:-}" ]; then
     tail -n 25 "$OUT/unet_sd15.txt"
   else
     echo "== UNet benchmark skipped: diffusers and peft are not importable (scripts/offline_wheels.sh)"
+  fi
+fi
+if [ -n "${NCU_ADAMW:-}" ]; then
+  # Opt-in: one launch of each fused AdamW kernel under Nsight Compute (benchmarks/profile_adamw.py
+  # says what and why). Needs hardware counters (Firecracker machines; gVisor has none: then only
+  # the script's own CUDA-event timings come back).
+  echo "== AdamW kernels under ncu"
+  if command -v ncu >/dev/null 2>&1; then
+    timeout "${NCU_TIMEOUT:-240}" ncu --clock-control none --nvtx --nvtx-include "profile/" \
+      --kernel-name regex:sparse_adamw --section SpeedOfLight --section MemoryWorkloadAnalysis \
+      --section Occupancy --section LaunchStats --section WarpStateStats --csv --page details \
+      "$PY" benchmarks/profile_adamw.py --json "$OUT/profile_adamw.json" >"$OUT/ncu_adamw.csv" 2>"$OUT/ncu_adamw.err"
+    echo "ncu rc=$? ($(grep -c '' "$OUT/ncu_adamw.csv") lines in ncu_adamw.csv)"
+    "$PY" - "$OUT/ncu_adamw.csv" <<'PY'
+import csv, sys
+wanted = ("Duration", "DRAM Throughput", "Memory Throughput", "L2 Hit Rate", "Achieved Occupancy",
+          "Registers Per Thread", "Theoretical Occupancy")
+lines = open(sys.argv[1], errors="replace").read().splitlines()
+start = next((i for i, line in enumerate(lines) if line.startswith('"ID"')), None)
+for row in csv.DictReader(lines[start:]) if start is not None else []:
+    if row.get("Metric Name") in wanted:
+        print(f'{row["ID"]:>3} {row["Kernel Name"][:48]:<48} {row["Metric Name"]:<24} {row["Metric Value"]:>12} {row["Metric Unit"]}')
+PY
+    tail -n 3 "$OUT/ncu_adamw.err"
+  else
+    "$PY" benchmarks/profile_adamw.py --json "$OUT/profile_adamw.json"
   fi
 fi
 echo "tests rc=$test_rc bench rc=$bench_rc unet rc=$unet_rc"

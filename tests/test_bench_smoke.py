@@ -68,6 +68,7 @@ def test_gpu_kernel_benchmark_quick_runs_on_cpu(tmp_path):
     steps = {row["variant"]: row for row in report["rows"] if row["kind"] == "step"}
     assert {
         "SparseAdamW/cpu",
+        "SparseAdamW/cpu per-layer",
         "torch AdamW on the deltas + re-merge",
         "full: torch AdamW on fp32 weights",
     } <= set(steps), steps
@@ -102,3 +103,30 @@ def test_gpu_kernel_benchmark_sd15_shapes_match_diffusers():
     )
     assert dict(shapes) == bench_gpu_kernels.SD15_WEIGHT_SHAPES
     assert sum(shapes.values()) == 282
+
+
+def test_adamw_profile_driver_runs_on_cpu(tmp_path):
+    # The script a GPU session runs under ncu (benchmarks/profile_adamw.py), on small CPU tensors.
+    from sara_kernels import _backend
+
+    if not _backend.native_available("cpu"):
+        pytest.skip("the profile driver times the native kernels")
+    out = tmp_path / "profile.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # Triton's interpreter is slow
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "profile_adamw.py"), "--device", "cpu", "--small"]
+        + ["--reps", "2", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = {row["variant"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {
+        "native sparse_adamw_",
+        "native sparse_adamw_multi_, 1 set",
+        "native sparse_adamw_multi_, 5 sets",
+    }
+    assert all(row["ms"] > 0 and row["k"] > 0 for row in rows.values())
