@@ -148,20 +148,21 @@ class SparseAdamW(torch.optim.Optimizer):
                     step,
                 )
             )
+        one_by_one = sets
         if foreach is not False:
             # One call for all the sets of a device (a few kernel launches on CUDA, one parallel
             # range on the CPU), unless two layers share a weight (tied weights run one by one).
             by_device: dict = {}
             for entry in sets:
                 by_device.setdefault(entry[0].device, []).append(entry)
-            sets = []
+            one_by_one = []
             for entries in by_device.values():
                 if len({entry[0].data_ptr() for entry in entries}) == len(entries):
                     columns = list(zip(*entries, strict=True))
                     _ops.run_sparse_adamw_multi_(*columns[:7], steps=columns[7], **hyper)
                 else:
-                    sets.extend(entries)
-        for weight, index, base, delta, grad, exp_avg, exp_avg_sq, step in sets:
+                    one_by_one.extend(entries)
+        for weight, index, base, delta, grad, exp_avg, exp_avg_sq, step in one_by_one:
             _ops.run_sparse_adamw_(weight, index, base, delta, grad, exp_avg, exp_avg_sq, step=step, **hyper)
         for p, _, _, _ in fused:
             mark_merged(p)  # the weight holds base + delta: no re-merge before the forward

@@ -5,18 +5,18 @@
 // bound; fusing the AdamW update with the write-back saves the ~9 separate passes (and the
 // temporaries) of the op-by-op PyTorch version.
 #include "common.h"
-#include "adam_names.h"
+#include "adamw_multi.h"
 
 #include <cmath>
-#include <deque>
 #include <string>
-#include <unordered_map>
 #include <utility>
 #include <vector>
 
 namespace sara_kernels_cpu {
 
 using sara_kernels_msg::AdamNames;
+using sara_kernels_msg::check_multi_lengths;
+using sara_kernels_msg::check_multi_no_aliasing;
 namespace {
 
 struct AdamScalars {
@@ -150,24 +150,6 @@ void sparse_adamw_cpu(const at::Tensor& weight,      // any shape, fp32/bf16/fp1
   });
 }
 
-// The sets run in parallel, so no two may write the same memory: each weight, delta and moment
-// vector appears once (a weight listed twice would need its indices merged into one set).
-void check_no_aliasing(const char* op, at::TensorList weights, at::TensorList deltas, at::TensorList exp_avgs,
-                       at::TensorList exp_avg_sqs) {
-  std::unordered_map<const void*, std::pair<const char*, size_t>> seen;  // address -> (list, position)
-  seen.reserve(4 * weights.size());
-  const std::pair<const char*, at::TensorList> lists[] = {
-      {"weights", weights}, {"deltas", deltas}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}};
-  for (const auto& [name, list] : lists) {
-    for (size_t i = 0; i < list.size(); ++i) {
-      if (list[i].numel() == 0) continue;
-      const auto [it, inserted] = seen.emplace(list[i].data_ptr(), std::make_pair(name, i));
-      TORCH_CHECK_VALUE(inserted, op_name(op), ": ", name, "[", num(i), "] and ", it->second.first, "[",
-                        num(it->second.second), "] share memory; every tensor that the step writes must appear once");
-    }
-  }
-}
-
 // sparse_adamw_ over lists of tensor sets (one per layer), each with its own step, in one call:
 // the entries of all sets are one parallel range, so many small layers share the thread pool's
 // work instead of waking it once per layer.
@@ -177,14 +159,7 @@ void sparse_adamw_multi_cpu(at::TensorList weights, at::TensorList indices, at::
                             double beta2, double eps, double weight_decay, bool maximize) {
   constexpr const char* op = "sparse_adamw_multi_";
   const size_t n = weights.size();
-  const std::pair<const char*, size_t> lengths[] = {
-      {"indices", indices.size()}, {"bases", bases.size()},         {"deltas", deltas.size()},
-      {"grads", grads.size()},     {"exp_avgs", exp_avgs.size()}, {"exp_avg_sqs", exp_avg_sqs.size()},
-      {"steps", steps.size()}};
-  for (const auto& [name, size] : lengths) {
-    TORCH_CHECK(size == n, op_name(op), ": ", name, " has ", num(size), " entries but weights has ", num(n),
-                "; every list needs one entry per weight");
-  }
+  check_multi_lengths(op, weights, indices, bases, deltas, grads, exp_avgs, exp_avg_sqs, steps);
   check_adamw_hyper(op, lr, beta1, beta2, eps, weight_decay);
   std::vector<int64_t> offsets(n + 1, 0);
   std::vector<AdamScalars> scalars(n);
@@ -196,7 +171,7 @@ void sparse_adamw_multi_cpu(at::TensorList weights, at::TensorList indices, at::
     offsets[i + 1] = offsets[i] + indices[i].numel();
     scalars[i] = adam_scalars(steps[i], lr, beta1, beta2, eps, weight_decay, maximize);
   }
-  check_no_aliasing(op, weights, deltas, exp_avgs, exp_avg_sqs);
+  check_multi_no_aliasing(op, weights, deltas, exp_avgs, exp_avg_sqs);
   const int64_t total = offsets[n];
   if (total == 0) return;
   at::parallel_for(0, total, kElementwiseGrain, [&](int64_t b, int64_t e) {

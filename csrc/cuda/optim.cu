@@ -4,22 +4,22 @@
 // lies outside [0, weight.numel()) never touches the weight (sparse_adamw_ still updates its
 // compact state, which is not indexed).
 #include "common.cuh"
-#include "adam_names.h"
+#include "adamw_multi.h"
 
 #include <torch/library.h>
 
 #include <cmath>
-#include <deque>
 #include <map>
 #include <string>
 #include <tuple>
-#include <unordered_map>
 #include <utility>
 #include <vector>
 
 namespace sara_kernels_cuda {
 
 using sara_kernels_msg::AdamNames;
+using sara_kernels_msg::check_multi_lengths;
+using sara_kernels_msg::check_multi_no_aliasing;
 namespace {
 
 // ---------------------------------------------------------------------------------------------
@@ -358,39 +358,13 @@ void launch_multi(const std::vector<AdamSet>& sets, const std::vector<AdamScalar
   }
 }
 
-// The sets run concurrently, so no two may write the same memory: each weight, delta and moment
-// vector appears once (a weight listed twice would need its indices merged into one set).
-void check_no_aliasing(const char* op, const std::vector<AdamSet>& sets) {
-  std::unordered_map<const void*, std::pair<const char*, size_t>> seen;  // address -> (list, position)
-  seen.reserve(4 * sets.size());
-  for (size_t i = 0; i < sets.size(); ++i) {
-    const std::pair<const char*, const at::Tensor*> written[] = {{"weights", &sets[i].weight},
-                                                                 {"deltas", &sets[i].delta},
-                                                                 {"exp_avgs", &sets[i].exp_avg},
-                                                                 {"exp_avg_sqs", &sets[i].exp_avg_sq}};
-    for (const auto& [name, t] : written) {
-      if (t->numel() == 0) continue;
-      const auto [it, inserted] = seen.emplace(t->data_ptr(), std::make_pair(name, i));
-      TORCH_CHECK_VALUE(inserted, "sara_kernels_C.", op, ": ", name, "[", num(i), "] and ", it->second.first, "[",
-                        num(it->second.second), "] share memory; every tensor that the step writes must appear once");
-    }
-  }
-}
-
 void sparse_adamw_multi_cuda(at::TensorList weights, at::TensorList indices, at::TensorList bases,
                              at::TensorList deltas, at::TensorList grads, at::TensorList exp_avgs,
                              at::TensorList exp_avg_sqs, at::ArrayRef<double> steps, double lr, double beta1,
                              double beta2, double eps, double weight_decay, bool maximize) {
   const char* op = "sparse_adamw_multi_";
   const size_t n = weights.size();
-  const std::pair<const char*, size_t> lengths[] = {
-      {"indices", indices.size()}, {"bases", bases.size()},         {"deltas", deltas.size()},
-      {"grads", grads.size()},     {"exp_avgs", exp_avgs.size()}, {"exp_avg_sqs", exp_avg_sqs.size()},
-      {"steps", steps.size()}};
-  for (const auto& [name, size] : lengths) {
-    TORCH_CHECK_VALUE(size == n, "sara_kernels_C.", op, ": ", name, " has ", num(size), " entries but weights has ",
-                      num(n), "; every list needs one entry per weight");
-  }
+  check_multi_lengths(op, weights, indices, bases, deltas, grads, exp_avgs, exp_avg_sqs, steps);
   check_adam_hyper(op, beta1, beta2);
   if (n == 0) return;
   check_cuda(op, "weights[0]", weights[0], weights[0].device());
@@ -407,7 +381,7 @@ void sparse_adamw_multi_cuda(at::TensorList weights, at::TensorList indices, at:
                       num(steps[i]));
     scalars.push_back(adam_scalars(steps[i], lr, beta1, beta2, eps, weight_decay, maximize));
   }
-  check_no_aliasing(op, sets);
+  check_multi_no_aliasing(op, weights, deltas, exp_avgs, exp_avg_sqs);
   const IndexCheckMode mode = index_check_mode();
   if (mode == IndexCheckMode::kSync) {
     for (size_t i = 0; i < n; ++i) validate_index(op, sets[i].index, sets[i].weight.numel());
