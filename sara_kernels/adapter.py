@@ -67,15 +67,15 @@ _DTYPES = {
     str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 }
 #: Instance state a sparse-delta layer adds to its dense layer (dropped by merge_and_unload).
-_SPARSE_PARAMS = ("sparse_delta",)
-_SPARSE_BUFFERS = (
-    "sparse_index",
-    "sparse_base",
-    "sparse_frozen_index",
-    "sparse_frozen_base",
-    "sparse_frozen_delta",
+_SPARSE_PARAMS = sk_nn.SPARSE_PARAMETERS
+_SPARSE_BUFFERS = sk_nn.SPARSE_BUFFERS
+_SPARSE_ATTRS = (
+    "sparse_threshold",
+    "_sparse_weight",
+    "_sparse_weight_shape",
+    "_sparse_name",
+    "_sparse_registered",
 )
-_SPARSE_ATTRS = ("sparse_threshold", "_frozen_unmerged")
 
 
 class AdapterError(ValueError):
@@ -306,7 +306,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, include_base: boo
     """
     safetensors = _safetensors()
     path = os.fspath(path)
-    layers = list(_sparse_layers(model))
+    layers, seen = [], set()
+    for name, layer in _sparse_layers(model):
+        if id(layer.sparse_delta) not in seen:  # layers sharing a weight share one delta: saved once
+            seen.add(id(layer.sparse_delta))
+            layers.append((name, layer))
     if not layers:
         raise AdapterError(
             f"save_adapter({path!r}): {type(model).__name__} has no sparse-delta layer "
@@ -533,49 +537,6 @@ def _resolve(model: nn.Module, name: str) -> nn.Module | None:
         return None
 
 
-def _set_adapter(
-    layer: nn.Module, index: torch.Tensor, delta: torch.Tensor, frozen_delta: torch.Tensor | None = None
-) -> None:
-    """Give a sparse-delta layer the trainable entries ``index`` (sorted) with ``delta``.
-
-    Precondition: ``weight`` holds the pre-trained values at every entry of ``index`` and of the
-    layer's frozen index. ``frozen_delta`` replaces the frozen deltas (None: drop the frozen entries).
-    The delta Parameter (and the index tensor) are kept, updated in place, when the index does not
-    change, so an optimizer holding them stays valid.
-    """
-    weight = layer.weight
-    numel = weight.numel()
-    if index.dtype == torch.int64 and numel < 2**31:
-        index = index.to(torch.int32)
-    index = index.contiguous()
-    with torch.no_grad():
-        if torch.equal(index.to(torch.int64), layer.sparse_index.to(torch.int64)):
-            layer.sparse_delta.copy_(delta)
-        else:
-            _checks.mark_index_checked(index, numel)
-            layer.sparse_index = index
-            layer.sparse_base = weight.detach().reshape(-1)[index.long()].clone()
-            layer.sparse_delta = nn.Parameter(delta.to(torch.float32).clone())
-            layer.sparse_threshold = None
-            register = getattr(sk_nn, "_register_layer", None)
-            if register is not None:
-                register(layer)
-        if frozen_delta is None:
-            if layer.sparse_frozen_index.numel():
-                layer.sparse_frozen_index = layer.sparse_frozen_index.new_empty(0)
-                layer.sparse_frozen_base = layer.sparse_frozen_base.new_empty(0)
-                layer.sparse_frozen_delta = layer.sparse_frozen_delta.new_empty(0)
-        else:
-            layer.sparse_frozen_delta.copy_(frozen_delta)
-    layer._frozen_unmerged = True  # the frozen entries hold pre-trained values: merge them too
-    layer.merge_()
-
-
-def _restore_pretrained(layer: nn.Module) -> None:
-    """Write the pre-trained values back at every adapted entry (deltas unchanged)."""
-    layer.unmerge_()
-
-
 def _load_into(layer: nn.Module, record: _Record, alpha: float, combine: bool) -> str:
     """Apply one record to a sparse-delta layer (already checked); returns 'replaced'/'combined'."""
     device = layer.weight.device
@@ -583,24 +544,31 @@ def _load_into(layer: nn.Module, record: _Record, alpha: float, combine: bool) -
     new_delta = record.delta.to(device) * alpha
     if not _carries_adapter(layer):
         # No adapter yet (no entries or all deltas zero): take the file's selection as is.
-        _restore_pretrained(layer)
-        _set_adapter(layer, new_index, new_delta)
+        layer.set_entries_(new_index, new_delta)
+        layer.sparse_threshold = None
         return "replaced"
     assert combine
-    _restore_pretrained(layer)
-    frozen_index = layer.sparse_frozen_index.to(torch.int64)
-    frozen_delta = layer.sparse_frozen_delta.detach().clone()
+    k = layer.k
+    index = layer.sparse_index.to(torch.int64)
+    total = layer.total_delta()
+    trainable_index, frozen_index = index[:k], index[k:]
+    frozen_total = total[k:].clone()
     if frozen_index.numel():
+        # Entries frozen by progressive re-selection stay frozen and receive the file's delta there.
         in_frozen = torch.isin(new_index, frozen_index)
-        slots = torch.searchsorted(frozen_index, new_index[in_frozen])
-        frozen_delta.index_add_(0, slots, new_delta[in_frozen])
+        frozen_total.index_add_(
+            0, torch.searchsorted(frozen_index, new_index[in_frozen]), new_delta[in_frozen]
+        )
         new_index, new_delta = new_index[~in_frozen], new_delta[~in_frozen]
-    old_index = layer.sparse_index.to(torch.int64)
-    union = torch.unique(torch.cat([old_index, new_index]), sorted=True)
-    delta = torch.zeros(union.numel(), dtype=torch.float32, device=device)
-    delta[torch.searchsorted(union, old_index)] = layer.sparse_delta.detach()
-    delta.index_add_(0, torch.searchsorted(union, new_index), new_delta)
-    _set_adapter(layer, union, delta, frozen_delta if frozen_index.numel() else None)
+    union = torch.unique(torch.cat([trainable_index, new_index]), sorted=True)
+    trainable_total = torch.zeros(union.numel(), dtype=torch.float32, device=device)
+    trainable_total[torch.searchsorted(union, trainable_index)] = total[:k]
+    trainable_total.index_add_(0, torch.searchsorted(union, new_index), new_delta)
+    layer.set_entries_(
+        torch.cat([union, frozen_index]),
+        torch.cat([trainable_total, frozen_total]),
+        frozen=frozen_index.numel(),
+    )
     return "combined"
 
 
@@ -738,10 +706,8 @@ def load_adapter(
             continue  # nothing to adapt: keep the dense layer (its fingerprint was checked)
         sparse_cls = _KINDS[record.kind][1]
         index = record.index.to(module.weight.device)
-        new = sparse_cls.from_dense(module, index=index)
-        with torch.no_grad():
-            new.sparse_delta.copy_(record.delta.to(new.sparse_delta.device) * alpha)
-        new.merge_()
+        new = sparse_cls.from_dense(module, index=index, name=record.name)
+        new.set_total_delta_(record.delta.to(new.sparse_delta.device) * alpha)
         _replace(parents, module, new)
         converted.append(record.name)
     return {
@@ -762,7 +728,8 @@ def load_adapter(
 def _unload(layer: nn.Module) -> nn.Module:
     """A plain nn.Linear/nn.Conv2d sharing ``layer``'s state (merged weight, same Parameter and
     storage, bias, hooks, training flag), without the sparse buffers."""
-    layer.merge_()  # the weight holds base + delta at every adapted entry, frozen ones included
+    layer._maybe_merge()  # the weight holds base + delta at every adapted entry, frozen ones included
+    sk_nn.forget_weight(layer.weight)
     dense_cls = nn.Linear if isinstance(layer, SparseDeltaLinear) else nn.Conv2d
     new = dense_cls.__new__(dense_cls)
     state = {}

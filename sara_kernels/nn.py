@@ -1,102 +1,345 @@
 """Drop-in sparse-delta layers: ``SparseDeltaLinear(nn.Linear)`` and ``SparseDeltaConv2d(nn.Conv2d)``.
 
-Data model of one adapted layer (k selected entries):
+Data model of one adapted layer: ``n`` adapted entries held in *slots*; the first ``k`` slots are
+trainable, the last ``n - k`` were frozen by progressive re-selection (:func:`sara_kernels.reselect_`):
 
-==================  ==========================  =====  ================================================
-attribute           dtype                       size   role
-==================  ==========================  =====  ================================================
-``weight``          base dtype (fp32/bf16/fp16) dense  frozen; always holds ``base + delta`` at the index
-``sparse_index``    int32 (int64 if >= 2**31)   k      sorted flat indices into ``weight.view(-1)``
-``sparse_base``     base dtype                  k      pre-trained values at the index (exact unmerge)
-``sparse_delta``    fp32                        k      the only trainable tensor; starts at 0
-==================  ==========================  =====  ================================================
+=======================  ==========================  =====  ==============================================
+attribute                dtype                       size   role
+=======================  ==========================  =====  ==============================================
+``weight``               base dtype (fp32/bf16/fp16) dense  frozen; holds the merged value at every slot
+``sparse_index``         int32 (int64 if >= 2**31)   n      flat indices into ``weight.view(-1)``; slots
+                                                            ``[0, k)`` and ``[k, n)`` each sorted, disjoint
+``sparse_base``          base dtype                  n      pre-trained values (exact unmerge and export)
+``sparse_delta``         fp32 (:class:`DeltaParameter`) n   the only trainable tensor; exactly 0 in the
+                                                            frozen slots
+``sparse_frozen_delta``  fp32                        n - k  learned deltas of the frozen slots
+=======================  ==========================  =====  ==============================================
 
-After progressive re-selection (:func:`sara_kernels.reselect_`) the entries that left the
-trainable set keep their learned delta in three more buffers, ``sparse_frozen_index``,
-``sparse_frozen_base`` and ``sparse_frozen_delta`` (empty until then); they stay merged in
-``weight`` and are part of the adapter (:meth:`adapter_state`).
+Invariant (checked by the tests after every route that changes a delta)::
 
-The forward is exactly the dense layer's (no ``W + scatter(delta)`` copy, no merged copy saved for
-backward); the backward forms the weight gradient only at the k entries. The fused
-:class:`~sara_kernels.optim.SparseAdamW` keeps ``weight`` merged as it steps; with any other
-optimizer the layer notices that ``sparse_delta`` changed (its version counter, or a step of a
-``torch.optim`` optimizer holding it: fused optimizer kernels do not bump the version counter)
-and re-merges in O(k) before the next forward.
+    weight.view(-1)[index[j]] == (base[j].float() + delta[j] + frozen[j - k] if j >= k else 0).to(weight.dtype)
+
+**Shapes never change while training.** Re-selection moves the frozen entries to the end of the
+slots (a permutation of ``sparse_index``/``sparse_base``, in place) and zeroes their delta, gradient
+and optimizer state; a zero entry with zero gradient and zero moments stays exactly zero under every
+``torch.optim`` optimizer (weight decay of 0 is 0). So the parameter a DDP reducer, an optimizer or
+a checkpoint holds keeps its shape, and ranks stay bit-identical across re-selection. Cost: the
+gradient and Adam moments stay ``n``-sized after re-selection (they do not shrink to ``k``).
+
+**The merged invariant is never observably broken.** The forward is exactly the dense layer's (no
+``W + scatter(delta)`` copy); the weight is kept merged by whichever route changed the delta:
+
+* :class:`~sara_kernels.optim.SparseAdamW` writes the merged value in the same kernel;
+* any other ``torch.optim`` optimizer (fused, foreach or for-loop): a global step post-hook merges
+  the deltas it stepped right after ``step()`` (O(k)), so a ``state_dict()`` taken then is current;
+* in-place ops (``copy_``, ``add_`` under ``no_grad``) bump the version counter: the next forward or
+  ``state_dict()`` re-merges;
+* writes through ``.data`` (what ``EMAModel.copy_to`` does) do not bump it: ``DeltaParameter``
+  notices every ``.data`` access instead and the next forward or ``state_dict()`` re-merges.
+
+Every other change goes through a method of the layer (:meth:`set_entries_`,
+:meth:`set_total_delta_`, :meth:`freeze_`, :meth:`merge_`, :meth:`unmerge_`, loading a state dict,
+a dtype or device cast); nothing else writes the sparse attributes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import warnings
 import weakref
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.weak import WeakIdKeyDictionary
 
 from sara_kernels import _checks, _ops, reference
 from sara_kernels import ops as sk
 
-#: Attribute set on a delta after its weight was merged: (delta._version) at that time.
-_MERGED_VERSION = "_sara_kernels_merged_version"
+#: Attribute of a delta: its ``_version`` when its layer's weight was last merged (None: stale).
+_MERGED = "_sara_kernels_merged_version"
 
-#: Attribute on a delta: weakref to its layer, so the fused optimizer can write the merged weight in
-#: the same kernel. Correctness never depends on it: a delta updated without write-back is
-#: re-merged by its layer before the next forward.
-_LAYER_REF = "_sara_kernels_layer"
+#: Tensors a sparse-delta layer adds to its dense layer, in state-dict order.
+SPARSE_PARAMETERS = ("sparse_delta",)
+SPARSE_BUFFERS = ("sparse_index", "sparse_base", "sparse_frozen_delta")
+SPARSE_KEYS = ("sparse_index", "sparse_base", "sparse_delta", "sparse_frozen_delta")
+#: State-dict keys of the layout before fixed slots (trainable and frozen entries apart); still loaded.
+_LEGACY_KEYS = ("sparse_frozen_index", "sparse_frozen_base")
+
+
+class SparseStateWarning(UserWarning):
+    """A state change that :mod:`sara_kernels` carried out but could not make exact."""
+
+
+class DeltaParameter(nn.Parameter):
+    """The trainable delta of a sparse-delta layer: an ``nn.Parameter`` that notices ``.data``.
+
+    ``param.data.copy_(x)`` (diffusers' ``EMAModel.copy_to``/``restore``, many hand-written loops)
+    writes without bumping the version counter, so a layer could not see the change. Any read or
+    assignment of ``.data`` marks the delta stale instead, and its layer re-merges (O(k)) before the
+    next forward or ``state_dict()``. Everything else is a plain ``nn.Parameter``.
+    """
+
+    @property
+    def data(self):  # noqa: D401 - same contract as torch.Tensor.data
+        self.__dict__[_MERGED] = None
+        return torch._C.TensorBase.data.__get__(self)
+
+    @data.setter
+    def data(self, value):
+        self.__dict__[_MERGED] = None
+        torch._C.TensorBase.data.__set__(self, value)
+
+    def __deepcopy__(self, memo):
+        if id(self) in memo:
+            return memo[id(self)]
+        result = type(self)(_raw(self).clone(memory_format=torch.preserve_format), self.requires_grad)
+        memo[id(self)] = result
+        return result
+
+    def __reduce_ex__(self, proto):
+        # nn.Parameter's pickling rebuilds a plain Parameter and would carry our bookkeeping.
+        return (_rebuild_delta_parameter, (torch._C.TensorBase.data.__get__(self), self.requires_grad))
+
+    def __repr__(self):
+        return "DeltaParameter containing:\n" + torch.Tensor.__repr__(self.detach())
+
+
+def _rebuild_delta_parameter(data: torch.Tensor, requires_grad: bool) -> DeltaParameter:
+    return DeltaParameter(data, requires_grad)
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    """``t`` without autograd history and without marking a DeltaParameter stale."""
+    return t.detach()
+
+
+# ---------------------------------------------------------------------------------------------
+# Registries. On a delta (its __dict__, which neither pickling nor deepcopy carries over): the
+# layers sharing it (tied weights) and the holders of slot-aligned state. Keyed by identity: which
+# delta owns a weight Parameter, which optimizers hold delta state.
+# ---------------------------------------------------------------------------------------------
+_LAYERS = "_sara_kernels_layers"  # on a delta: [weakref(layer), ...]
+_HOLDERS = "_sara_kernels_followers"  # on a delta: WeakSet of slot-state holders
+_WEIGHT_OWNER: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight Parameter -> weakref(delta)
+_OPTIMIZERS: weakref.WeakSet = weakref.WeakSet()  # optimizers seen stepping a delta
+_FIRST_STEP_CHECKED: weakref.WeakSet = weakref.WeakSet()
 
 
 def layer_of(delta: torch.Tensor):
     """The sparse-delta layer that owns ``delta`` (None if unknown, e.g. a deep copy before its
     first forward)."""
-    ref = getattr(delta, _LAYER_REF, None)
-    layer = ref() if ref is not None else None
-    if layer is not None and layer.sparse_delta is delta:
-        return layer
+    for ref in delta.__dict__.get(_LAYERS, ()):
+        layer = ref()
+        if layer is not None and layer._parameters.get("sparse_delta") is delta:
+            return layer
     return None
 
 
-def _register_layer(layer) -> None:
-    setattr(layer.sparse_delta, _LAYER_REF, weakref.ref(layer))
+def _group(layer) -> list:
+    """Every live layer that shares ``layer``'s delta (tied weights), ``layer`` first."""
+    delta = layer._parameters["sparse_delta"]
+    found = [layer]
+    for ref in delta.__dict__.get(_LAYERS, ()):
+        other = ref()
+        if other is not None and other is not layer and other._parameters.get("sparse_delta") is delta:
+            found.append(other)
+    return found
+
+
+def _register(layer) -> None:
+    delta = layer._parameters["sparse_delta"]
+    refs = [r for r in delta.__dict__.get(_LAYERS, ()) if r() is not None]
+    if not any(r() is layer for r in refs):
+        refs.append(weakref.ref(layer))
+    delta.__dict__[_LAYERS] = refs
+    layer.__dict__["_sparse_registered"] = delta
+    _WEIGHT_OWNER[layer._parameters["weight"]] = weakref.ref(delta)
+
+
+def forget_weight(weight: torch.Tensor) -> None:
+    """The weight is no longer adapted (merge_and_unload): a later conversion starts afresh."""
+    _WEIGHT_OWNER.pop(weight, None)
+
+
+def follow_slots(delta: torch.Tensor, holder) -> None:
+    """Register ``holder`` (an object with ``_sara_follow_slots(delta, source, k)``) to be told when
+    the slots of ``delta`` are reordered or replaced (re-selection, loading another entry set)."""
+    delta.__dict__.setdefault(_HOLDERS, weakref.WeakSet()).add(holder)
+
+
+def _holders(delta: torch.Tensor) -> list:
+    return list(delta.__dict__.get(_HOLDERS, ()))
 
 
 def mark_merged(delta: torch.Tensor) -> None:
-    """Record that the layer's weight holds ``base + delta`` for the delta's current version."""
-    setattr(delta, _MERGED_VERSION, delta._version)
+    """Record that the layer's weight holds the merged values for the delta's current version."""
+    delta.__dict__[_MERGED] = delta._version
 
 
-def _invalidate_after_step(optimizer, args, kwargs) -> None:
-    """Global ``torch.optim`` step post-hook: fused optimizer kernels (``AdamW(fused=True)``,
-    ``SGD(fused=True)``) update parameters without bumping their version counter, so a delta that
-    any optimizer stepped is re-merged before the next forward (O(k)); optimizers that write the
-    merged weight themselves (:class:`~sara_kernels.optim.SparseAdamW`) opt out."""
-    if getattr(optimizer, "_sara_kernels_writes_back", False):
+def _is_merged(delta: torch.Tensor) -> bool:
+    return delta.__dict__.get(_MERGED) == delta._version
+
+
+def _unwrap_optimizer(optimizer):
+    """The torch optimizer inside wrappers such as accelerate's ``AcceleratedOptimizer``."""
+    seen = 0
+    while not isinstance(getattr(optimizer, "state", None), dict) or hasattr(optimizer, "optimizer"):
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None or seen > 8:
+            break
+        optimizer, seen = inner, seen + 1
+    return optimizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Every torch.optim optimizer: merge right after the step, and say which layers got no gradient
+# ---------------------------------------------------------------------------------------------
+def _after_optimizer_step(optimizer, args, kwargs) -> None:
+    """Global ``torch.optim`` step post-hook.
+
+    * The deltas an optimizer stepped are merged into their weights now (O(k) each), so a
+      ``state_dict()`` / ``save_pretrained`` right after ``step()`` is current. Fused kernels
+      (``AdamW(fused=True)``) do not bump version counters, so this does not rely on them.
+      Optimizers that write the merged weight themselves (:class:`~sara_kernels.optim.SparseAdamW`)
+      opt out.
+    * The optimizer is remembered (weakly) so that re-selection can reorder its state.
+    * On an optimizer's first step with gradients, trainable deltas that received none are named
+      in a warning: their layer's forward did not run, or its weight is read outside its forward.
+    """
+    deltas = [p for group in optimizer.param_groups for p in group["params"] if type(p) is DeltaParameter]
+    if not deltas:
         return
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if hasattr(p, _MERGED_VERSION):
-                setattr(p, _MERGED_VERSION, None)
+    _OPTIMIZERS.add(optimizer)
+    if not getattr(optimizer, "_sara_kernels_writes_back", False):
+        merged = set()
+        for p in deltas:
+            if p.grad is None or id(p) in merged:
+                continue
+            merged.add(id(p))
+            layer = layer_of(p)
+            if layer is not None:
+                layer.merge_()
+    if optimizer not in _FIRST_STEP_CHECKED:
+        stepped = [p for p in deltas if p.grad is not None]
+        if stepped:
+            _FIRST_STEP_CHECKED.add(optimizer)
+            silent = [p for p in deltas if p.grad is None and p.requires_grad and p.numel()]
+            if silent:
+                names = [layer_of(p)._label() if layer_of(p) is not None else "?" for p in silent]
+                shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+                warnings.warn(
+                    f"sara_kernels: {len(silent)} sparse-delta layer(s) received no gradient in the "
+                    f"first optimizer step: {shown}. Their forward did not run (an unused branch), or "
+                    "their weight is read outside their own forward (e.g. passed to "
+                    "F.multi_head_attention_forward), which SaRA cannot train: exclude them "
+                    "(SaRAConfig(exclude_modules=...)).",
+                    SparseStateWarning,
+                    stacklevel=3,
+                )
 
 
-register_optimizer_step_post_hook(_invalidate_after_step)
+register_optimizer_step_post_hook(_after_optimizer_step)
+
+
+def _follow_optimizer_state(delta: torch.Tensor, source: torch.Tensor, k: int, extra=()) -> None:
+    """Reorder every known optimizer's per-entry state of ``delta`` to a new slot layout.
+
+    ``source[j]`` is the old slot of new slot ``j`` (-1: a new entry, state 0). Slots ``[k, n)``
+    are frozen: their state is zeroed, so the optimizer leaves their (zero) delta at zero.
+    """
+    n_old = None
+    done = set()
+    for optimizer in list(_OPTIMIZERS) + [o for o in extra if o is not None]:
+        optimizer = _unwrap_optimizer(optimizer)
+        state = getattr(optimizer, "state", None)
+        if not isinstance(state, dict) or id(optimizer) in done or delta not in state:
+            continue
+        done.add(id(optimizer))
+        entry = state[delta]
+        for key, value in list(entry.items()):
+            if not isinstance(value, torch.Tensor) or value.dim() != 1:
+                continue
+            if n_old is None:
+                n_old = value.numel()
+            if value.numel() != n_old:
+                continue
+            entry[key] = _remap(value, source, k)
+
+
+def _remap(value: torch.Tensor, source: torch.Tensor, k: int, fill_frozen: bool = True) -> torch.Tensor:
+    source = source.to(value.device)
+    valid = source >= 0
+    new = torch.zeros(source.numel(), dtype=value.dtype, device=value.device)
+    if bool(valid.any()):
+        new[valid] = value[source[valid]]
+    if fill_frozen:
+        new[k:] = 0
+    if new.shape == value.shape:
+        value.copy_(new)
+        return value
+    return new
+
+
+# ---------------------------------------------------------------------------------------------
+# state_dict without the sparse tensors (a plain dense model)
+# ---------------------------------------------------------------------------------------------
+_LOCAL = threading.local()
+
+
+@contextlib.contextmanager
+def dense_state_dict() -> Iterator[None]:
+    """Within this block, ``state_dict()`` of any model holding sparse-delta layers returns the keys
+    of the plain dense model (merged weights, no ``sparse_*`` keys): what ``save_pretrained`` should
+    write for a reader without sara_kernels::
+
+        with sara_kernels.dense_state_dict():
+            unet.save_pretrained("checkpoint-500/unet")   # opens in plain diffusers
+
+    The model is not changed. (Per thread.)
+    """
+    previous = getattr(_LOCAL, "dense", False)
+    _LOCAL.dense = True
+    try:
+        yield
+    finally:
+        _LOCAL.dense = previous
 
 
 class _SparseDeltaMixin:
-    """Shared state and behaviour of the sparse-delta layers."""
+    """Shared state and behaviour of the sparse-delta layers (the only writer of the sparse state)."""
 
     sparse_index: torch.Tensor
     sparse_base: torch.Tensor
-    sparse_delta: nn.Parameter
+    sparse_delta: DeltaParameter
+    sparse_frozen_delta: torch.Tensor
 
+    # -- construction -----------------------------------------------------------------------
     def _init_sparse(self, index: torch.Tensor | None, threshold: float | None, k: int | None) -> None:
-        weight = self.weight
-        name = type(self).__name__
+        self.__dict__.setdefault("_sparse_name", None)
+        weight = self._parameters["weight"]
+        label = self._label()
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"{label}: the layer has no weight tensor")
         if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise TypeError(f"{name}: weight dtype {weight.dtype} is not supported; use fp32, bf16 or fp16")
-        if not weight.is_contiguous():
-            raise ValueError(f"{name}: weight must be contiguous (indices address weight.view(-1))")
+            raise TypeError(f"{label}: weight dtype {weight.dtype} is not supported; use fp32, bf16 or fp16")
+        if weight.device.type == "meta":
+            raise ValueError(f"{label}: the weight is on the meta device; materialise the model first")
         given = sum(v is not None for v in (index, threshold, k))
         if given > 1:
-            raise ValueError(f"{name}: give at most one of index, threshold or k")
+            raise ValueError(f"{label}: give at most one of index, threshold or k")
+        if not weight.is_contiguous():
+            # channels_last (or any strided) weights: the index addresses the row-major layout, so
+            # the layer keeps its weight contiguous (a copy); inputs of any memory format work.
+            torch._C.TensorBase.data.__set__(weight, weight.detach().contiguous())
+        owner_ref = _WEIGHT_OWNER.get(weight)
+        owner = layer_of(owner_ref()) if owner_ref is not None and owner_ref() is not None else None
+        if owner is not None and owner._parameters.get("weight") is weight:
+            self._share_sparse_state(owner, index, threshold, k)
+            return
         with torch.no_grad():
             if index is None:
                 if threshold is not None:
@@ -107,30 +350,44 @@ class _SparseDeltaMixin:
                     index = torch.empty(
                         0, dtype=reference.index_dtype_for(weight.numel()), device=weight.device
                     )
-            if not isinstance(index, torch.Tensor):
-                index = torch.as_tensor(index)
-            if index.dtype not in _checks.INDEX_DTYPES:
-                raise TypeError(f"{name}: index has dtype {index.dtype}; expected int32 or int64")
-            index = index.to(device=weight.device)
-            if index.dtype == torch.int64 and weight.numel() < 2**31:
-                index = index.to(torch.int32)  # int32 halves the index bytes; int64 only when needed
-            index = index.contiguous()
-            _checks.mark_index_checked(index, weight.numel())
-            base = weight.detach().reshape(-1)[index.long()].clone()
-        # weight keeps its storage (the dense module's, not a copy) but is frozen.
+            index = self._checked_index(index, weight, what="index", frozen=0)
+            base = _raw(weight).reshape(-1)[index.long()].clone()
         weight.requires_grad_(False)
+        self.__dict__["_sparse_weight"] = weight
+        self.__dict__["_sparse_weight_shape"] = tuple(weight.shape)
         self.register_buffer("sparse_index", index)
         self.register_buffer("sparse_base", base)
-        self.sparse_delta = nn.Parameter(
+        self.sparse_delta = DeltaParameter(
             torch.zeros(index.numel(), dtype=torch.float32, device=weight.device)
         )
-        self.register_buffer("sparse_frozen_index", index.new_empty(0))
-        self.register_buffer("sparse_frozen_base", base.new_empty(0))
         self.register_buffer("sparse_frozen_delta", torch.zeros(0, dtype=torch.float32, device=weight.device))
         #: The |w| threshold this layer was selected with (None when given an explicit index).
         self.sparse_threshold: float | None = threshold
         mark_merged(self.sparse_delta)
-        _register_layer(self)
+        _register(self)
+
+    def _share_sparse_state(self, owner, index, threshold, k) -> None:
+        """A second module over an adapted weight Parameter (tied weights) shares the owner's sparse
+        state: one delta per weight, trained by both modules' gradients."""
+        if index is not None:
+            given = torch.as_tensor(index).to(device=owner.sparse_index.device, dtype=torch.int64)
+            if not torch.equal(given.sort().values, owner.sparse_index.long().sort().values):
+                raise ValueError(
+                    f"{self._label()}: its weight is shared with {owner._label()}, which adapts other "
+                    "entries; modules sharing a weight share one selection"
+                )
+        elif threshold is not None or k is not None:
+            raise ValueError(
+                f"{self._label()}: its weight is shared with {owner._label()}, which is already adapted; "
+                "modules sharing a weight share one selection (pass no threshold or k)"
+            )
+        for name in SPARSE_BUFFERS:
+            self._buffers[name] = owner._buffers[name]
+        self._parameters["sparse_delta"] = owner._parameters["sparse_delta"]
+        self.__dict__["_sparse_weight"] = owner.__dict__["_sparse_weight"]
+        self.__dict__["_sparse_weight_shape"] = owner.__dict__["_sparse_weight_shape"]
+        self.sparse_threshold = owner.sparse_threshold
+        _register(self)
 
     @classmethod
     def _adopt(cls, module: nn.Module):
@@ -142,77 +399,616 @@ class _SparseDeltaMixin:
         new.__dict__.update(state)
         return new
 
-    # -- invariant ----------------------------------------------------------------------------
+    # -- names and checks -------------------------------------------------------------------
+    def _label(self) -> str:
+        name = self.__dict__.get("_sparse_name")
+        return f"{type(self).__name__} {name!r}" if name else type(self).__name__
+
+    def _checked_index(self, index, weight, *, what: str, frozen: int) -> torch.Tensor:
+        """``index`` as this layer stores it (int32 below 2**31 entries, contiguous, on the weight's
+        device), validated: 1-D integers in range, each segment (trainable, frozen) strictly
+        increasing, no entry twice."""
+        label = self._label()
+        if not isinstance(index, torch.Tensor):
+            index = torch.as_tensor(index)
+        if index.dtype not in _checks.INDEX_DTYPES:
+            raise TypeError(f"{label}: {what} has dtype {index.dtype}; expected int32 or int64")
+        if index.dim() != 1:
+            raise ValueError(f"{label}: {what} must be 1-D, got shape {tuple(index.shape)}")
+        numel = weight.numel()
+        index = index.to(device=weight.device)
+        if index.dtype == torch.int64 and numel < 2**31:
+            index = index.to(torch.int32)  # int32 halves the index bytes; int64 only when needed
+        index = index.contiguous()
+        n = index.numel()
+        if not 0 <= frozen <= n:
+            raise ValueError(f"{label}: {frozen} frozen entries but {what} has only {n}")
+        if n:
+            lo, hi = int(index.min()), int(index.max())
+            if lo < 0 or hi >= numel:
+                raise IndexError(
+                    f"{label}: {what} holds values in [{lo}, {hi}] but the weight {tuple(weight.shape)} "
+                    f"has {numel} entries"
+                )
+            for part, (start, stop) in (("trainable", (0, n - frozen)), ("frozen", (n - frozen, n))):
+                seg = index[start:stop]
+                if seg.numel() > 1 and not bool((seg[1:] > seg[:-1]).all()):
+                    raise ValueError(
+                        f"{label}: the {part} part of {what} must be sorted in strictly increasing order"
+                    )
+            if frozen and torch.unique(index).numel() != n:
+                raise ValueError(f"{label}: {what} lists an entry both as trainable and as frozen")
+        _checks.mark_index_checked(index[: n - frozen], numel)
+        return index
+
+    def _check_state(self) -> None:
+        """Cheap consistency checks before the layer's tensors are used (every forward and fused
+        step): a replaced, resized or recast weight or delta is an error naming the layer."""
+        params, buffers = self._parameters, self._buffers
+        weight, delta = params.get("weight"), params.get("sparse_delta")
+        if weight is not self.__dict__.get("_sparse_weight"):
+            raise RuntimeError(
+                f"{self._label()}: its weight was replaced after conversion; a sparse-delta layer's "
+                "index addresses the weight it was built on. Call sara_kernels.merge_and_unload first "
+                "to change the weight, then convert again"
+            )
+        if tuple(weight.shape) != self.__dict__["_sparse_weight_shape"] or not weight.is_contiguous():
+            raise RuntimeError(
+                f"{self._label()}: its weight changed shape or layout to {tuple(weight.shape)} "
+                f"(strides {weight.stride()}) after conversion from {self.__dict__['_sparse_weight_shape']}"
+            )
+        base, index = buffers["sparse_base"], buffers["sparse_index"]
+        if type(delta) is not DeltaParameter or delta.dtype != torch.float32 or delta.shape != index.shape:
+            raise RuntimeError(
+                f"{self._label()}: sparse_delta was replaced or changed ({type(delta).__name__}, "
+                f"{getattr(delta, 'dtype', None)}, shape {tuple(getattr(delta, 'shape', ()))}); it must "
+                f"stay the layer's fp32 DeltaParameter of {index.numel()} entries. Change it in place, "
+                "or through the layer's methods (set_total_delta_, set_entries_)"
+            )
+        if base.dtype != weight.dtype:
+            raise RuntimeError(
+                f"{self._label()}: the weight is {weight.dtype} but its pre-trained values are "
+                f"{base.dtype}: cast the module (module.to(dtype)), not weight.data"
+            )
+
+    def __setattr__(self, name, value):
+        if name == "weight" and "_sparse_weight" in self.__dict__ and not getattr(_LOCAL, "loading", False):
+            if value is not self.__dict__["_sparse_weight"]:
+                raise RuntimeError(
+                    f"{self._label()}: cannot assign a new weight to a sparse-delta layer (its index "
+                    "addresses the current one); call sara_kernels.merge_and_unload first"
+                )
+        super().__setattr__(name, value)
+
+    # -- slots --------------------------------------------------------------------------------
+    @property
+    def adapted_count(self) -> int:
+        """Entries carrying a delta (trainable + frozen by re-selection): ``n``."""
+        return self._buffers["sparse_index"].numel()
+
+    @property
+    def frozen_count(self) -> int:
+        return self._buffers["sparse_frozen_delta"].numel()
+
     @property
     def k(self) -> int:
-        return self.sparse_index.numel()
+        """Trainable entries."""
+        return self.adapted_count - self.frozen_count
 
     @property
     def density(self) -> float:
         return self.k / max(1, self.weight.numel())
 
+    @property
+    def sparse_frozen_index(self) -> torch.Tensor:
+        """Flat indices of the entries frozen by re-selection (a view of ``sparse_index``)."""
+        return self._buffers["sparse_index"][self.k :]
+
+    @property
+    def sparse_frozen_base(self) -> torch.Tensor:
+        """Pre-trained values of the frozen entries (a view of ``sparse_base``)."""
+        return self._buffers["sparse_base"][self.k :]
+
+    def _trainable(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(index, delta) of the trainable slots: the whole tensors, or views of their first k."""
+        index, delta = self._buffers["sparse_index"], self._parameters["sparse_delta"]
+        frozen = self._buffers["sparse_frozen_delta"].numel()
+        if frozen == 0:
+            return index, delta
+        k = index.numel() - frozen
+        return index[:k], delta[:k]
+
+    def trainable_state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(index, base, delta) of the trainable slots (views; delta keeps its autograd link)."""
+        k = self.k
+        b = self._buffers
+        return b["sparse_index"][:k], b["sparse_base"][:k], self._parameters["sparse_delta"][:k]
+
+    def total_delta(self) -> torch.Tensor:
+        """The learned delta of every slot, trainable and frozen: fp32 ``[n]`` (a copy)."""
+        total = _raw(self._parameters["sparse_delta"]).clone()
+        frozen = self._buffers["sparse_frozen_delta"]
+        if frozen.numel():
+            total[self.k :] += frozen
+        return total
+
+    # -- the merged invariant -------------------------------------------------------------------
     def merge_(self) -> None:
-        """Write ``base + delta`` into ``weight`` at the index (O(k)); done before each forward when
-        the delta changed since the last merge."""
+        """Write the merged value into ``weight`` at every slot (O(n))."""
+        b = self._buffers
+        weight, index, base = self._parameters["weight"], b["sparse_index"], b["sparse_base"]
+        delta, frozen = _raw(self._parameters["sparse_delta"]), b["sparse_frozen_delta"]
         with torch.no_grad():
-            sk.scatter_merge_(self.weight, self.sparse_index, self.sparse_base, self.sparse_delta.detach())
-            if getattr(self, "_frozen_unmerged", False):
-                sk.scatter_merge_(
-                    self.weight, self.sparse_frozen_index, self.sparse_frozen_base, self.sparse_frozen_delta
-                )
-                self._frozen_unmerged = False
-        mark_merged(self.sparse_delta)
+            if frozen.numel() == 0:
+                sk.scatter_merge_(weight, index, base, delta)
+            else:
+                k = index.numel() - frozen.numel()
+                sk.scatter_merge_(weight, index[:k], base[:k], delta[:k])
+                sk.scatter_merge_(weight, index[k:], base[k:], delta[k:] + frozen)
+        if not torch.compiler.is_compiling():
+            mark_merged(self._parameters["sparse_delta"])
 
     def _maybe_merge(self) -> None:
-        delta = self.sparse_delta
+        delta = self._parameters["sparse_delta"]
         if torch.compiler.is_compiling():
-            # Inside a compiled graph the version counter (and the _frozen_unmerged flag) is not
-            # visible: merge always (O(k)), the entries frozen by re-selection too (after unmerge_).
-            with torch.no_grad():
-                sk.scatter_merge_(self.weight, self.sparse_index, self.sparse_base, delta.detach())
-                if self.sparse_frozen_index.numel():
-                    sk.scatter_merge_(
-                        self.weight,
-                        self.sparse_frozen_index,
-                        self.sparse_frozen_base,
-                        self.sparse_frozen_delta,
-                    )
-            return
-        if getattr(delta, _MERGED_VERSION, None) != delta._version:
+            # Inside a compiled graph the version counter is not visible: merge always (O(n)).
             self.merge_()
-        if layer_of(delta) is None:
-            _register_layer(self)
+            return
+        self._check_state()
+        if not _is_merged(delta):
+            self.merge_()
+        if self.__dict__.get("_sparse_registered") is not delta:
+            _register(self)
 
     def unmerge_(self) -> None:
         """Restore the pre-trained values at every adapted entry (the deltas are kept); the next
         forward (or :meth:`merge_`) merges them again."""
+        b = self._buffers
+        weight, index, base = self._parameters["weight"], b["sparse_index"], b["sparse_base"]
+        k = self.k
         with torch.no_grad():
-            sk.restore_(self.weight, self.sparse_index, self.sparse_base)
-            if self.sparse_frozen_index.numel():
-                sk.restore_(self.weight, self.sparse_frozen_index, self.sparse_frozen_base)
-        setattr(self.sparse_delta, _MERGED_VERSION, None)
-        self._frozen_unmerged = True
+            if k == index.numel():
+                sk.restore_(weight, index, base)
+            else:
+                sk.restore_(weight, index[:k], base[:k])
+                sk.restore_(weight, index[k:], base[k:])
+        self._parameters["sparse_delta"].__dict__[_MERGED] = None
+
+    # -- state changes: the only writers of the sparse tensors ----------------------------------
+    def _assign(self, **tensors: torch.Tensor) -> None:
+        """Give every layer sharing this state (tied weights) the same new buffer tensors."""
+        for layer in _group(self):
+            for name, value in tensors.items():
+                layer._buffers[name] = value
+
+    def set_total_delta_(self, total: torch.Tensor) -> None:
+        """Set the learned delta of every slot (fp32 ``[n]``, slot order): trainable slots into
+        ``sparse_delta``, frozen slots into ``sparse_frozen_delta``; then merge."""
+        n, k = self.adapted_count, self.k
+        if not isinstance(total, torch.Tensor) or total.shape != (n,):
+            raise ValueError(
+                f"{self._label()}: set_total_delta_ needs a [{n}] tensor, got "
+                f"{tuple(total.shape) if isinstance(total, torch.Tensor) else type(total).__name__}"
+            )
+        delta = self._parameters["sparse_delta"]
+        total = total.to(device=delta.device, dtype=torch.float32)
+        with torch.no_grad():
+            delta.copy_(total)
+            if k < n:
+                delta[k:] = 0
+                self._buffers["sparse_frozen_delta"].copy_(total[k:])
+        self.merge_()
+
+    def set_entries_(
+        self,
+        index: torch.Tensor,
+        total_delta: torch.Tensor | None = None,
+        *,
+        frozen: int = 0,
+        base: torch.Tensor | None = None,
+        optimizers=(),
+    ) -> None:
+        """Replace the adapted entries.
+
+        Args:
+            index: ``[n]`` flat indices in slot order: the first ``n - frozen`` trainable (sorted),
+                then the frozen ones (sorted).
+            total_delta: fp32 ``[n]`` learned delta per slot (default 0).
+            frozen: how many slots at the end are frozen.
+            base: pre-trained values at ``index`` (default: read from the weight after restoring the
+                current entries' pre-trained values); when given, the weight must hold them.
+            optimizers: optimizers holding state for the delta besides those already seen stepping
+                it; their per-entry state follows the entries (0 for new entries).
+
+        The delta Parameter keeps its identity; it keeps its shape when ``n`` does not change (so an
+        optimizer or a DDP reducer holding it stays valid), and is resized otherwise.
+        """
+        weight = self._parameters["weight"]
+        index = self._checked_index(index, weight, what="index", frozen=int(frozen))
+        n, k = index.numel(), index.numel() - int(frozen)
+        if total_delta is None:
+            total_delta = torch.zeros(n, dtype=torch.float32, device=weight.device)
+        if not isinstance(total_delta, torch.Tensor) or total_delta.shape != (n,):
+            raise ValueError(f"{self._label()}: the delta must have shape [{n}], like the index")
+        total_delta = total_delta.to(device=weight.device, dtype=torch.float32)
+        if not bool(torch.isfinite(total_delta).all()):
+            raise ValueError(f"{self._label()}: the delta holds NaN or infinite values")
+        if base is not None:
+            if not isinstance(base, torch.Tensor) or base.shape != (n,):
+                raise ValueError(f"{self._label()}: base must have shape [{n}], like the index")
+            base = base.to(device=weight.device, dtype=weight.dtype)
+        old_index = _raw(self._buffers["sparse_index"]).long()
+        self.unmerge_()
+        with torch.no_grad():
+            if base is None:
+                base = _raw(weight).reshape(-1)[index.long()].clone()
+            # Which old slot each new slot continues (-1: a new entry), for the state that follows.
+            source = _slot_sources(old_index, index.long())
+            delta = self._parameters["sparse_delta"]
+            new_delta = total_delta.clone()
+            new_delta[k:] = 0
+            if n == delta.numel():
+                # In place: an optimizer, a DDP reducer and DDP's buffer list keep valid tensors.
+                if self._buffers["sparse_index"].dtype == index.dtype:
+                    self._buffers["sparse_index"].copy_(index)
+                else:
+                    self._assign(sparse_index=index)
+                self._buffers["sparse_base"].copy_(base)
+                delta.copy_(new_delta)
+                if delta.grad is not None:
+                    delta.grad = None
+            else:
+                self._assign(sparse_index=index, sparse_base=base)
+                _resize_parameter(delta, new_delta)
+            self._assign(sparse_frozen_delta=total_delta[k:].clone())
+        _follow_optimizer_state(delta, source, k, optimizers)
+        for holder in _holders(delta):
+            holder._sara_follow_slots(delta, source, k)
+        self.merge_()
+
+    def freeze_(self, keep: torch.Tensor, *, optimizers=(), reset_state: bool = False) -> tuple[int, int]:
+        """Progressive re-selection on this layer: the trainable slots where ``keep`` (bool ``[k]``)
+        is False become frozen with their learned delta.
+
+        The frozen slots move to the end (a permutation of the slots, in place: tensor shapes do not
+        change); their delta, gradient and optimizer state become 0, the survivors' state moves with
+        them (or is reset with ``reset_state``). The merged weight is unchanged.
+
+        Returns:
+            (kept, newly frozen) entry counts.
+        """
+        k, n = self.k, self.adapted_count
+        if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.shape != (k,):
+            raise ValueError(f"{self._label()}: freeze_ needs a bool [{k}] mask over the trainable entries")
+        keep = keep.to(self._buffers["sparse_index"].device)
+        kept = int(keep.sum())
+        delta = self._parameters["sparse_delta"]
+        if kept == k:
+            if reset_state:
+                _reset_optimizer_state(delta, optimizers)
+            return k, 0
+        index, base = self._buffers["sparse_index"], self._buffers["sparse_base"]
+        delta = self._parameters["sparse_delta"]
+        with torch.no_grad():
+            total = self.total_delta()
+            slots = torch.arange(n, device=index.device)
+            survivors = slots[:k][keep]
+            frozen_slots = torch.cat([slots[:k][~keep], slots[k:]])
+            # The frozen part stays sorted by flat index (a stable sort of two sorted runs).
+            frozen_slots = frozen_slots[torch.sort(index[frozen_slots].long(), stable=True).indices]
+            order = torch.cat([survivors, frozen_slots])
+            index.copy_(index[order])
+            base.copy_(base[order])
+            total = total[order]
+            delta.copy_(total)
+            delta[kept:] = 0
+            if delta.grad is not None:
+                delta.grad.copy_(delta.grad[order])
+                delta.grad[kept:] = 0
+            self._assign(sparse_frozen_delta=total[kept:].clone())
+        _checks.mark_index_checked(index[:kept], self._parameters["weight"].numel())
+        if reset_state:
+            _reset_optimizer_state(delta, optimizers)
+        else:
+            _follow_optimizer_state(delta, order, kept, optimizers)
+        for holder in _holders(delta):
+            holder._sara_follow_slots(delta, order, kept)
+        self.merge_()
+        return kept, k - kept
 
     def adapter_state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Every adapted entry, trainable and frozen: (index [n] sorted, delta fp32 [n], base [n])."""
-        delta = self.sparse_delta.detach()
-        if self.sparse_frozen_index.numel() == 0:
-            return self.sparse_index, delta, self.sparse_base
-        index = torch.cat([self.sparse_index, self.sparse_frozen_index])
+        """Every adapted entry, trainable and frozen, sorted by flat index: (index ``[n]``, delta fp32
+        ``[n]``, base ``[n]``)."""
+        index, base = self._buffers["sparse_index"], self._buffers["sparse_base"]
+        total = self.total_delta()
+        if self.frozen_count == 0:
+            return index, total, base
         order = torch.argsort(index)
-        return (
-            index[order],
-            torch.cat([delta, self.sparse_frozen_delta])[order],
-            torch.cat([self.sparse_base, self.sparse_frozen_base])[order],
-        )
+        return index[order], total[order], base[order]
 
-    @property
-    def adapted_count(self) -> int:
-        """Entries carrying a delta (trainable + frozen by re-selection)."""
-        return self.k + self.sparse_frozen_index.numel()
+    # -- module protocol: casts, state dicts ---------------------------------------------------
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.half()``, ``.cuda()``...: the weight and the pre-trained values follow
+        ``fn``; the deltas stay fp32 (only their device follows), and the weight is re-merged so the
+        invariant holds exactly in the new dtype. The weight stays contiguous (channels_last
+        requests leave it row-major: the index addresses that layout)."""
+        delta = self._parameters["sparse_delta"]
+        keep = {
+            "sparse_delta": _raw(delta),
+            "grad": _raw(delta.grad) if delta.grad is not None else None,
+            "sparse_frozen_delta": self._buffers["sparse_frozen_delta"],
+        }
+        del self._parameters["sparse_delta"]
+        del self._buffers["sparse_frozen_delta"]
+        try:
+            result = super()._apply(fn, recurse)
+        finally:
+            self._parameters["sparse_delta"] = delta
+            self._buffers["sparse_frozen_delta"] = keep["sparse_frozen_delta"]
+
+        def fp32(original: torch.Tensor) -> torch.Tensor:
+            applied = fn(original)
+            if applied.dtype != original.dtype:
+                applied = original.to(device=applied.device)
+            return applied
+
+        new = fp32(keep["sparse_delta"])
+        if new is not keep["sparse_delta"]:
+            torch._C.TensorBase.data.__set__(delta, new)
+        if keep["grad"] is not None:
+            delta.grad = fp32(keep["grad"])
+        self._buffers["sparse_frozen_delta"] = fp32(keep["sparse_frozen_delta"])
+        weight = self._parameters["weight"]
+        if weight is not None:
+            if not weight.is_contiguous():
+                torch._C.TensorBase.data.__set__(weight, weight.detach().contiguous())
+            self.__dict__["_sparse_weight"] = weight
+            weight.requires_grad_(False)
+            _register(self)
+            if weight.device.type != "meta":
+                self.merge_()
+        return result
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if not torch.compiler.is_compiling():
+            self._maybe_merge()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if getattr(_LOCAL, "dense", False):
+            for name in SPARSE_KEYS:
+                destination.pop(prefix + name, None)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        """Loading a state dict keeps the invariant and never loses training.
+
+        * A sara_kernels state dict (``sparse_*`` keys): the layer adopts the checkpoint's entries,
+          slot order and frozen split (optimizer state then loads aligned), and re-merges. Without a
+          ``weight`` key the checkpoint's pre-trained values must match this model's.
+        * A dense state dict (only ``weight``/``bias``, e.g. a plain diffusers checkpoint of the
+          merged model): the deltas are recovered as ``weight - pre-trained`` at the adapted entries
+          (the frozen split kept), with a :class:`SparseStateWarning`; a weight that differs from the
+          pre-trained one outside the adapted entries is an error (it cannot be represented).
+        """
+        keys = {name: prefix + name for name in SPARSE_KEYS + _LEGACY_KEYS}
+        sparse = {name: state_dict.pop(key) for name, key in keys.items() if key in state_dict}
+        weight_key = prefix + "weight"
+        dense_weight = state_dict.get(weight_key)
+        weight = self._parameters["weight"]
+        before = len(error_msgs)
+        refused = False
+        if sparse and dense_weight is None:
+            self.unmerge_()  # the checkpoint's entries are merged onto the pre-trained weight
+        elif not sparse and isinstance(dense_weight, torch.Tensor) and dense_weight.shape == weight.shape:
+            if not self._dense_fits(dense_weight, error_msgs):
+                state_dict.pop(weight_key)  # not written: the layer keeps its state
+                dense_weight, refused = None, True
+        hidden = {name: self._parameters.pop(name) for name in SPARSE_PARAMETERS}
+        hidden_buffers = {name: self._buffers.pop(name) for name in SPARSE_BUFFERS}
+        _LOCAL.loading = True
+        try:
+            super()._load_from_state_dict(
+                state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+            )
+        finally:
+            _LOCAL.loading = False
+            self._parameters.update(hidden)
+            self._buffers.update(hidden_buffers)
+        if refused and weight_key in missing_keys:
+            missing_keys.remove(weight_key)
+        new_weight = self._parameters["weight"]
+        if new_weight is not self.__dict__["_sparse_weight"]:  # load_state_dict(assign=True)
+            if tuple(new_weight.shape) != self.__dict__["_sparse_weight_shape"]:
+                error_msgs.append(f"{self._label()}: the loaded weight has shape {tuple(new_weight.shape)}")
+                return
+            new_weight.requires_grad_(False)
+            if not new_weight.is_contiguous():
+                torch._C.TensorBase.data.__set__(new_weight, new_weight.detach().contiguous())
+            self.__dict__["_sparse_weight"] = new_weight
+            _register(self)
+        if len(error_msgs) > before:
+            if sparse and dense_weight is None:
+                self.merge_()
+            return
+        if sparse:
+            self._load_sparse(sparse, has_weight=dense_weight is not None, error_msgs=error_msgs)
+        elif dense_weight is not None:
+            self._load_dense()
+        else:
+            missing_keys.extend(prefix + name for name in SPARSE_KEYS)
+
+    def _dense_fits(self, dense_weight: torch.Tensor, error_msgs: list) -> bool:
+        """A dense weight can be loaded if it differs from the pre-trained one only at adapted
+        entries (``self.weight`` holds the pre-trained values everywhere else)."""
+        with torch.no_grad():
+            current = _raw(self._parameters["weight"]).reshape(-1)
+            other = dense_weight.detach().to(device=current.device, dtype=current.dtype).reshape(-1)
+            differs = torch.nonzero(current != other).flatten()
+            if differs.numel():
+                adapted = _raw(self._buffers["sparse_index"]).long()
+                outside = differs[~torch.isin(differs, adapted)]
+                if outside.numel():
+                    error_msgs.append(
+                        f"{self._label()}: the dense weight in the state dict differs from this layer's "
+                        f"pre-trained weight at {outside.numel()} entries outside its {adapted.numel()} "
+                        "adapted entries, which a sparse-delta layer cannot represent (a checkpoint of "
+                        "another model or another selection). Load a sara_kernels state dict (with its "
+                        "sparse_* keys, e.g. sara_kernels.integrations.accelerate), or load the dense "
+                        "weights before apply_sara"
+                    )
+                    return False
+        return True
+
+    def _load_dense(self) -> None:
+        weight = self._parameters["weight"]
+        with torch.no_grad():
+            values = _raw(weight).reshape(-1)[_raw(self._buffers["sparse_index"]).long()].float()
+            total = values - self._buffers["sparse_base"].float()
+        if bool((total != 0).any()):
+            warnings.warn(
+                "sara_kernels: a dense state dict was loaded into sparse-delta layers: their deltas were "
+                "recovered as (weight - pre-trained weight) at the adapted entries, which is exact "
+                "for the weight's values but not for the fp32 deltas of bf16/fp16 weights, and "
+                "keeps the model's own trainable/frozen split. For an exact resume, load a "
+                "sara_kernels state dict (sparse_* keys; sara_kernels.integrations.accelerate "
+                "writes one).",
+                SparseStateWarning,
+                stacklevel=4,
+            )
+        self.set_total_delta_(total)
+
+    def _load_sparse(self, sparse: dict, *, has_weight: bool, error_msgs: list) -> None:
+        label = self._label()
+        try:
+            index, base, total, frozen = _parse_sparse_state(sparse, label)
+        except (TypeError, ValueError) as error:
+            error_msgs.append(str(error))
+            if not has_weight:
+                self.merge_()
+            return
+        weight = self._parameters["weight"]
+        n_model = self.adapted_count
+        if index.numel() != n_model and n_model != 0:
+            error_msgs.append(
+                f"{label}: the checkpoint adapts {index.numel()} entries but this layer {n_model}: the "
+                "model was converted with another selection (SaRAConfig) or from other pre-trained "
+                "weights. Convert the base model the same way before loading (resizing would break "
+                "an optimizer or a DDP wrapper already holding the delta)"
+            )
+            if not has_weight:
+                self.merge_()
+            return
+        try:
+            checked = self._checked_index(index, weight, what="the checkpoint's sparse_index", frozen=frozen)
+        except (TypeError, ValueError, IndexError) as error:
+            error_msgs.append(str(error))
+            if not has_weight:
+                self.merge_()
+            return
+        base = base.to(device=weight.device, dtype=weight.dtype)
+        if not has_weight:
+            pretrained = _raw(weight).reshape(-1)[checked.long()]
+            if not torch.equal(pretrained, base):
+                bad = int((pretrained != base).sum())
+                error_msgs.append(
+                    f"{label}: the checkpoint's pre-trained values differ from this model's at {bad} of "
+                    f"{base.numel()} adapted entries: it was trained from other base weights"
+                )
+                self.merge_()
+                return
+        else:
+            # The weight just loaded is the checkpoint's (merged at its entries, its pre-trained values
+            # elsewhere): make unmerging this layer's old entries a no-op, so that set_entries_ keeps
+            # the loaded values there and merges the checkpoint's deltas onto its own base.
+            with torch.no_grad():
+                old = _raw(self._buffers["sparse_index"]).long()
+                self._buffers["sparse_base"].copy_(_raw(weight).reshape(-1)[old])
+        self.set_entries_(checked, total, frozen=frozen, base=base)
 
     def _sparse_repr(self) -> str:
-        return f"k={self.k}, density={self.density:.2%}"
+        text = f"k={self.k}, density={self.density:.2%}"
+        if self.frozen_count:
+            text += f", frozen={self.frozen_count}"
+        return text
+
+
+def _slot_sources(old_index: torch.Tensor, new_index: torch.Tensor) -> torch.Tensor:
+    """For each entry of ``new_index`` (int64), its position in ``old_index`` (int64), or -1."""
+    if old_index.numel() == 0 or new_index.numel() == 0:
+        return torch.full((new_index.numel(),), -1, dtype=torch.int64, device=new_index.device)
+    old_index = old_index.to(new_index.device)
+    order = torch.argsort(old_index)
+    sorted_old = old_index[order]
+    pos = torch.searchsorted(sorted_old, new_index).clamp(max=old_index.numel() - 1)
+    hit = sorted_old[pos] == new_index
+    return torch.where(hit, order[pos], torch.full_like(pos, -1))
+
+
+def _resize_parameter(delta: torch.Tensor, values: torch.Tensor) -> None:
+    """Give ``delta`` new data of another shape, keeping the Parameter object.
+
+    Autograd caches a leaf's AccumulateGrad node with the old shape while any earlier graph holds
+    it, and set_data resets that cache only on a dtype/device change: pass through fp64 so the next
+    backward gets a node with the new shape."""
+    torch._C.TensorBase.data.__set__(delta, values.double())
+    torch._C.TensorBase.data.__set__(delta, values.to(torch.float32).contiguous())
+    delta.grad = None
+    delta.__dict__[_MERGED] = None
+
+
+def _reset_optimizer_state(delta: torch.Tensor, extra=()) -> None:
+    for optimizer in list(_OPTIMIZERS) + [o for o in extra if o is not None]:
+        state = getattr(_unwrap_optimizer(optimizer), "state", None)
+        if not isinstance(state, dict) or delta not in state:
+            continue
+        entry = state[delta]
+        for key, value in list(entry.items()):
+            if key == "step":
+                entry[key] = torch.zeros_like(value) if isinstance(value, torch.Tensor) else 0.0
+            elif isinstance(value, torch.Tensor) and value.shape == delta.shape:
+                value.zero_()
+
+
+def _parse_sparse_state(sparse: dict, label: str):
+    """(index [n], base [n], total delta fp32 [n], frozen count) from a layer's state-dict entries,
+    in the current layout or the one before fixed slots (trainable and frozen entries apart)."""
+    for name in ("sparse_index", "sparse_base", "sparse_delta"):
+        if name not in sparse:
+            raise ValueError(f"{label}: the state dict has some sparse_* keys but not {name}")
+    index, base, delta = sparse["sparse_index"], sparse["sparse_base"], sparse["sparse_delta"]
+    frozen_delta = sparse.get("sparse_frozen_delta")
+    for name, t in (("sparse_index", index), ("sparse_base", base), ("sparse_delta", delta)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 1:
+            raise ValueError(f"{label}: {name} in the state dict must be a 1-D tensor")
+    if not delta.is_floating_point() or not base.is_floating_point():
+        raise TypeError(f"{label}: sparse_delta and sparse_base must be floating point")
+    if frozen_delta is None:
+        frozen_delta = torch.zeros(0, dtype=torch.float32)
+    if not isinstance(frozen_delta, torch.Tensor) or frozen_delta.dim() != 1:
+        raise ValueError(f"{label}: sparse_frozen_delta in the state dict must be a 1-D tensor")
+    if "sparse_frozen_index" in sparse or "sparse_frozen_base" in sparse:  # the layout before slots
+        frozen_index = sparse.get("sparse_frozen_index")
+        frozen_base = sparse.get("sparse_frozen_base")
+        if frozen_index is None or frozen_base is None:
+            raise ValueError(f"{label}: the state dict has one of sparse_frozen_index/base but not both")
+        if not (frozen_index.numel() == frozen_base.numel() == frozen_delta.numel()):
+            raise ValueError(f"{label}: the frozen entries' index, base and delta differ in length")
+        if not (index.numel() == base.numel() == delta.numel()):
+            raise ValueError(f"{label}: sparse_index, sparse_base and sparse_delta differ in length")
+        index = torch.cat([index, frozen_index.to(index.dtype)])
+        base = torch.cat([base, frozen_base.to(base.dtype)])
+        delta = torch.cat([delta.float(), torch.zeros(frozen_delta.numel())])
+    if not (index.numel() == base.numel() == delta.numel()):
+        raise ValueError(f"{label}: sparse_index, sparse_base and sparse_delta differ in length")
+    frozen = frozen_delta.numel()
+    if frozen > index.numel():
+        raise ValueError(f"{label}: {frozen} frozen deltas but only {index.numel()} entries")
+    total = delta.detach().float().clone()
+    if frozen:
+        total[-frozen:] += frozen_delta.detach().float().to(total.device)
+    if not bool(torch.isfinite(total).all()):
+        raise ValueError(f"{label}: the checkpoint's deltas hold NaN or infinite values")
+    return index.detach(), base.detach(), total, frozen
 
 
 class SparseDeltaLinear(_SparseDeltaMixin, nn.Linear):
@@ -244,27 +1040,34 @@ class SparseDeltaLinear(_SparseDeltaMixin, nn.Linear):
         *,
         threshold: float | None = None,
         k: int | None = None,
+        name: str | None = None,
     ) -> SparseDeltaLinear:
         """Wrap ``linear`` (its weight storage is reused, not copied) with a selection.
 
         Args:
             linear: the dense layer.
             index: flat indices to train; or ``threshold`` (|w| < threshold) or ``k`` (k smallest |w|).
+            name: the layer's name in its model, used in error messages.
+
+        A second layer built over a weight Parameter that is already adapted (tied weights) shares
+        the first one's sparse state: one delta per weight.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"SparseDeltaLinear.from_dense: expected nn.Linear, got {type(linear).__name__}")
         if isinstance(linear, SparseDeltaLinear):
             raise TypeError("SparseDeltaLinear.from_dense: the layer is already a SparseDeltaLinear")
         new = cls._adopt(linear)
+        new.__dict__["_sparse_name"] = name
         new._init_sparse(index, threshold, k)
         return new
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._maybe_merge()
+        index, delta = self._trainable()
         if torch.compiler.is_compiling():
-            return sk.sparse_linear(input, self.weight, self.bias, self.sparse_index, self.sparse_delta)
+            return sk.sparse_linear(input, self.weight, self.bias, index, delta)
         x, weight, bias = _ops.autocast_args((input, self.weight, self.bias), input.device.type)
-        return _ops.SparseLinearFunction.apply(x, weight, bias, self.sparse_index, self.sparse_delta)
+        return _ops.SparseLinearFunction.apply(x, weight, bias, index, delta)
 
     def to_dense(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding the merged weight (a copy)."""
@@ -290,6 +1093,7 @@ class SparseDeltaConv2d(_SparseDeltaMixin, nn.Conv2d):
     """``nn.Conv2d`` whose trainable part is a k-sized delta on selected weight entries.
 
     Build it from a dense layer with :meth:`from_dense`. ``isinstance(m, nn.Conv2d)`` holds.
+    Inputs may be batched ``[N, C, H, W]`` or unbatched ``[C, H, W]``, as for ``nn.Conv2d``.
     """
 
     def __init__(
@@ -311,13 +1115,18 @@ class SparseDeltaConv2d(_SparseDeltaMixin, nn.Conv2d):
         *,
         threshold: float | None = None,
         k: int | None = None,
+        name: str | None = None,
     ) -> SparseDeltaConv2d:
-        """Wrap ``conv`` (its weight storage is reused, not copied) with a selection."""
+        """Wrap ``conv`` (its weight storage is reused, not copied) with a selection.
+
+        A ``channels_last`` weight is stored contiguous (a copy): the index addresses the row-major
+        layout. Inputs in any memory format work."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"SparseDeltaConv2d.from_dense: expected nn.Conv2d, got {type(conv).__name__}")
         if isinstance(conv, SparseDeltaConv2d):
             raise TypeError("SparseDeltaConv2d.from_dense: the layer is already a SparseDeltaConv2d")
         new = cls._adopt(conv)
+        new.__dict__["_sparse_name"] = name
         new._init_sparse(index, threshold, k)
         return new
 
@@ -332,15 +1141,16 @@ class SparseDeltaConv2d(_SparseDeltaMixin, nn.Conv2d):
         return input, list(self.padding)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.dim() == 3:  # unbatched [C, H, W], as nn.Conv2d accepts
+            return self.forward(input.unsqueeze(0)).squeeze(0)
         self._maybe_merge()
+        index, delta = self._trainable()
         input, padding = self._padded(input)
         args = (list(self.stride), padding, list(self.dilation), self.groups)
         if torch.compiler.is_compiling():
-            return sk.sparse_conv2d(
-                input, self.weight, self.bias, self.sparse_index, self.sparse_delta, *args
-            )
+            return sk.sparse_conv2d(input, self.weight, self.bias, index, delta, *args)
         x, weight, bias = _ops.autocast_args((input, self.weight, self.bias), input.device.type)
-        return _ops.SparseConv2dFunction.apply(x, weight, bias, self.sparse_index, self.sparse_delta, *args)
+        return _ops.SparseConv2dFunction.apply(x, weight, bias, index, delta, *args)
 
     def to_dense(self) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` holding the merged weight (a copy)."""
@@ -368,4 +1178,13 @@ class SparseDeltaConv2d(_SparseDeltaMixin, nn.Conv2d):
         return f"{super().extra_repr()}, {self._sparse_repr()}"
 
 
-__all__ = ["SparseDeltaConv2d", "SparseDeltaLinear", "mark_merged"]
+__all__ = [
+    "DeltaParameter",
+    "SparseDeltaConv2d",
+    "SparseDeltaLinear",
+    "SparseStateWarning",
+    "dense_state_dict",
+    "follow_slots",
+    "layer_of",
+    "mark_merged",
+]

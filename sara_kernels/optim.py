@@ -133,21 +133,25 @@ class SparseAdamW(torch.optim.Optimizer):
         # ops' Python checks cost ~50-90 us per call, x282 layers on a UNet).
         sets = []
         for p, layer, grad, state in fused:
+            layer._check_state()  # a replaced or resized weight is an error, never a stray write
             # The step count is a Python float here (a tensor increment per layer costs more than
             # the update of a small layer); a tensor from an older checkpoint converts on its first step.
             step = state["step"] = float(state["step"]) + 1.0
-            sets.append(
-                (
-                    layer.weight,
-                    layer.sparse_index,
-                    layer.sparse_base,
-                    p,
-                    grad.contiguous(),
-                    state["exp_avg"],
-                    state["exp_avg_sq"],
-                    step,
-                )
+            tensors = (
+                layer.sparse_index,
+                layer.sparse_base,
+                p,
+                grad.contiguous(),
+                state["exp_avg"],
+                state["exp_avg_sq"],
             )
+            frozen = layer.frozen_count
+            if frozen:
+                # Entries frozen by re-selection sit in the last slots: step only the first k (their
+                # delta, gradient and moments stay 0, and the weight keeps their merged value).
+                k = p.numel() - frozen
+                tensors = tuple(t[:k] for t in tensors)
+            sets.append((layer.weight, *tensors, step))
         one_by_one = sets
         if foreach is not False:
             # One call for all the sets of a device (a few kernel launches on CUDA, one parallel

@@ -87,8 +87,9 @@ _SVD_DTYPES = (torch.float32, torch.float64)
 _BATCH_ELEMENTS = 1 << 26
 
 
-def polar_factor(matrix: torch.Tensor, steps: int = DEFAULT_POLAR_STEPS, *,
-                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def polar_factor(
+    matrix: torch.Tensor, steps: int = DEFAULT_POLAR_STEPS, *, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """The polar factor ``U_r V_r^T`` of ``matrix`` (``[..., m, n]``) by ``steps`` Newton-Schulz steps.
 
     ``X0 = A / ||A||_F`` (per matrix; a zero matrix gives 0), then ``X <- 1.5 X - 0.5 X X^T X``,
@@ -116,7 +117,13 @@ def polar_factor(matrix: torch.Tensor, steps: int = DEFAULT_POLAR_STEPS, *,
 
 
 def _sparse_layers(model: nn.Module) -> list[_SparseDeltaMixin]:
-    return [m for m in model.modules() if isinstance(m, _SparseDeltaMixin)]
+    """One layer per delta (modules sharing a weight share one delta, regularised once)."""
+    found, seen = [], set()
+    for m in model.modules():
+        if isinstance(m, _SparseDeltaMixin) and id(m.sparse_delta) not in seen:
+            seen.add(id(m.sparse_delta))
+            found.append(m)
+    return found
 
 
 def _matrix_shape(layer: _SparseDeltaMixin) -> tuple[int, int]:
@@ -147,8 +154,9 @@ def _batched_dense(group: list, shape: tuple[int, int], dtype: torch.dtype) -> t
     numel = m * n
     device = group[0].sparse_delta.device
     flat = torch.zeros(len(group) * numel, dtype=dtype, device=device)
-    index = torch.cat([layer.sparse_index.long() + b * numel for b, layer in enumerate(group)])
-    values = torch.cat([layer.sparse_delta.detach() for layer in group]).to(dtype)
+    trainable = [layer.trainable_state() for layer in group]
+    index = torch.cat([index.long() + b * numel for b, (index, _, _) in enumerate(trainable)])
+    values = torch.cat([delta.detach() for _, _, delta in trainable]).to(dtype)
     flat.index_put_((index,), values)
     return flat.view(len(group), m, n)
 
@@ -245,7 +253,7 @@ def nuclear_norm_loss(
     for (shape, _), group in groups.items():
         per_batch = max(1, _BATCH_ELEMENTS // (shape[0] * shape[1]))
         for start in range(0, len(group), per_batch):
-            batch = group[start:start + per_batch]
+            batch = group[start : start + per_batch]
             with torch.no_grad():
                 if method == "svd":
                     values, g = _svd_value_and_subgradient(_batched_dense(batch, shape, dtype))
@@ -253,9 +261,10 @@ def nuclear_norm_loss(
                     g = polar_factor(_batched_dense(batch, shape, torch.float32), polar_steps, dtype=dtype)
                 g = g.reshape(len(batch), -1)
             for b, layer in enumerate(batch):
-                delta = layer.sparse_delta
+                # Only the trainable slots: entries frozen by re-selection get no gradient.
+                index, _, delta = layer.trainable_state()
                 with torch.no_grad():
-                    g_at = g[b][layer.sparse_index.long()].to(torch.float32)
+                    g_at = g[b][index.long()].to(torch.float32)
                 if method == "svd":
                     term = _NuclearNormSVD.apply(delta, values[b].to(torch.float32), g_at)
                 else:

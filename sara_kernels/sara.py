@@ -10,6 +10,7 @@ for batch in data:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import re
 import warnings
@@ -18,8 +19,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from sara_kernels import _checks, reference
-from sara_kernels.nn import SparseDeltaConv2d, SparseDeltaLinear, _SparseDeltaMixin, mark_merged
+from sara_kernels import reference
+from sara_kernels.nn import SparseDeltaConv2d, SparseDeltaLinear, _SparseDeltaMixin
 
 DEFAULT_THRESHOLD = 2e-3
 
@@ -58,6 +59,11 @@ class SaRAConfig:
             steps in (0, 1) (the paper: 0.5) or a step number; None disables it.
         reset_state_on_reselect: reset Adam moments at re-selection (the official code's
             behaviour, kept for ablations); by default the survivors' moments carry over.
+        include_zeros: select exact zeros too. By default an entry whose pre-trained value is
+            exactly 0 is never selected: a zero is an initialisation (ControlNet's zero
+            convolutions, zero-initialised gates), not a small trained weight, and a budget rule
+            would otherwise spend most of its entries there (67-98% on a ControlNet) and then
+            re-select against a threshold of 0. Layers that are all zeros are listed in the summary.
     """
 
     threshold: float | None = None
@@ -70,6 +76,7 @@ class SaRAConfig:
     train_norm: bool = False
     progressive_at: float | int | None = None
     reset_state_on_reselect: bool = False
+    include_zeros: bool = False
 
     def __post_init__(self):
         given = [n for n in ("threshold", "fraction", "count") if getattr(self, n) is not None]
@@ -118,6 +125,8 @@ class SaRAConfig:
                             f"SaRAConfig: {name} entry {pattern!r} is not a valid regex: {error}"
                         ) from None
             setattr(self, name, value)
+        if not isinstance(self.include_zeros, bool):
+            raise TypeError(f"SaRAConfig: include_zeros must be a bool, got {self.include_zeros!r}")
         if self.progressive_at is not None:
             p = self.progressive_at
             ok = (isinstance(p, float) and 0 < p < 1) or (
@@ -136,17 +145,37 @@ class LayerSelection:
     shape: tuple[int, ...]
     numel: int
     k: int
+    #: Other names of the same module (reached under several names: converted once, used everywhere).
+    aliases: tuple[str, ...] = ()
+    #: The layer whose weight, and so whose sparse state, this one shares (tied weights).
+    shares_with: str | None = None
+
+
+@dataclasses.dataclass
+class SkippedLayer:
+    """A Linear/Conv2d layer that :func:`apply_sara` targeted but did not convert, and why."""
+
+    name: str
+    kind: str  # the module's class name
+    numel: int
+    reason: str
 
 
 @dataclasses.dataclass
 class SaRASummary:
-    """What :func:`apply_sara` selected."""
+    """What :func:`apply_sara` selected, and what it left out."""
 
     layers: list[LayerSelection]
     total_k: int
     targeted_entries: int
     model_parameters: int
     threshold: float | None
+    skipped: list[SkippedLayer] = dataclasses.field(default_factory=list)
+    #: Exact zeros among the converted layers' weights (not selected unless ``include_zeros``).
+    zero_entries: int = 0
+    #: Converted layers whose weights are all exact zeros (e.g. ControlNet's zero convolutions).
+    zero_layers: list[str] = dataclasses.field(default_factory=list)
+    include_zeros: bool = False
 
     @property
     def share_of_targeted(self) -> float:
@@ -159,13 +188,31 @@ class SaRASummary:
     def __str__(self) -> str:
         lines = [f"{'layer':<60} {'kind':<7} {'k':>10} {'density':>8}"]
         for layer in self.layers:
-            lines.append(f"{layer.name:<60} {layer.kind:<7} {layer.k:>10} {layer.k / layer.numel:>8.2%}")
+            note = f"  (shares {layer.shares_with})" if layer.shares_with else ""
+            note += f"  (also {', '.join(layer.aliases)})" if layer.aliases else ""
+            lines.append(
+                f"{layer.name:<60} {layer.kind:<7} {layer.k:>10} {layer.k / max(1, layer.numel):>8.2%}{note}"
+            )
         lines.append(
             f"total: {self.total_k} trainable entries = {self.share_of_targeted:.2%} of the "
             f"{self.targeted_entries} targeted weights, {self.share_of_model:.2%} of the model's "
             f"{self.model_parameters} parameters"
             + (f" (threshold {self.threshold:.3g})" if self.threshold is not None else "")
         )
+        if self.zero_entries and not self.include_zeros:
+            lines.append(
+                f"exact zeros: {self.zero_entries} entries ({self.zero_entries / max(1, self.targeted_entries):.2%} "
+                "of the targeted weights) are never selected (SaRAConfig(include_zeros=True) selects them)"
+                + (f"; all-zero layers: {', '.join(self.zero_layers)}" if self.zero_layers else "")
+            )
+        if self.skipped:
+            total = sum(s.numel for s in self.skipped)
+            lines.append(
+                f"not converted: {len(self.skipped)} targeted layer(s), {total} weights "
+                f"({total / max(1, self.targeted_entries + total):.2%} of the targeted weights):"
+            )
+            for s in self.skipped:
+                lines.append(f"  {s.name} ({s.kind}, {s.numel} weights): {s.reason}")
         return "\n".join(lines)
 
 
@@ -176,70 +223,221 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
     return False
 
 
-def _targets(model: nn.Module, config: SaRAConfig) -> list[tuple[str, nn.Module]]:
-    found = []
-    for name, module in model.named_modules():
+_PLAIN_FORWARD = {nn.Linear: nn.Linear.forward, nn.Conv2d: nn.Conv2d.forward}
+_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+#: ``self.<child>.weight`` read as a value (not just its dtype, device or shape) in a method body.
+_WEIGHT_READ = re.compile(
+    r"self\.(\w+)\.weight\b(?!\s*\.\s*(?:dtype|device|shape|size|ndim|dim|is_\w+|requires_grad|numel|"
+    r"nelement|element_size|data_ptr)\b)(?!\s*=[^=])"
+)
+_READS_BY_TYPE: dict[type, list[tuple[str, str]]] = {}
+
+
+def _weight_reads(cls: type) -> list[tuple[str, str]]:
+    """(``Class.forward``, child attribute) for every ``self.<child>.weight`` that the ``forward``
+    of ``cls`` (outside torch.nn) reads as a tensor: a weight consumed outside the child's own
+    forward, which a sparse delta on that child would never see (HunyuanDiT's attention pooling
+    passes ``q_proj.weight`` to ``F.multi_head_attention_forward``). Only ``forward``: other methods
+    (``fuse_projections``, initialisers) do not run in a training step; a weight read elsewhere is
+    caught at the first optimizer step instead (a warning names the layers that got no gradient)."""
+    if cls not in _READS_BY_TYPE:
+        found = []
+        for klass in cls.__mro__:
+            if klass is object or klass.__module__.startswith("torch."):
+                continue
+            for name, fn in vars(klass).items():
+                if name != "forward" or not inspect.isfunction(fn):
+                    continue
+                try:
+                    source = inspect.getsource(fn)
+                except (OSError, TypeError):
+                    continue
+                found.extend((f"{klass.__name__}.{name}", m.group(1)) for m in _WEIGHT_READ.finditer(source))
+        _READS_BY_TYPE[cls] = found
+    return _READS_BY_TYPE[cls]
+
+
+@dataclasses.dataclass
+class _Target:
+    module: nn.Module
+    names: list[str]
+
+
+def _plan(model: nn.Module, config: SaRAConfig) -> tuple[list[list[_Target]], list[SkippedLayer]]:
+    """Which layers to convert, grouped by shared weight Parameter, and which targeted layers cannot
+    be (with the reason). Reads the model; changes nothing."""
+    modules: dict[int, _Target] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, _SparseDeltaMixin):
             raise ValueError(
                 f"apply_sara: layer {name!r} is already a sparse-delta layer; apply_sara converts a "
                 "dense model once (use merge_and_unload first to start over)"
             )
+        if id(module) in modules:
+            modules[id(module)].names.append(name)
+        else:
+            modules[id(module)] = _Target(module, [name])
+
+    users: dict[int, list[tuple[_Target, str]]] = {}  # id(parameter) -> every (module, key) holding it
+    read_by: dict[int, str] = {}  # id(child) -> where its weight is read outside its forward
+    for target in modules.values():
+        for key, p in target.module._parameters.items():
+            if p is not None:
+                users.setdefault(id(p), []).append((target, key))
+        for where, child in _weight_reads(type(target.module)):
+            sub = target.module._modules.get(child)
+            if isinstance(sub, (nn.Linear, nn.Conv2d)):
+                read_by.setdefault(id(sub), where)
+        if isinstance(target.module, nn.MultiheadAttention):
+            read_by.setdefault(id(target.module.out_proj), "nn.MultiheadAttention.forward")
+
+    candidates: list[_Target] = []
+    skipped: list[SkippedLayer] = []
+    for target in modules.values():
+        module, names = target.module, target.names
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             continue
-        if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
-            # nn.MultiheadAttention reads out_proj.weight directly, bypassing the layer's forward,
-            # so a delta there would never receive a gradient.
+        if config.target_modules is not None and not any(_matches(n, config.target_modules) for n in names):
             continue
-        if config.target_modules is not None and not _matches(name, config.target_modules):
+        if config.exclude_modules is not None and any(_matches(n, config.exclude_modules) for n in names):
             continue
-        if config.exclude_modules is not None and _matches(name, config.exclude_modules):
+        base = nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d
+        weight = module._parameters.get("weight")
+        reason = None
+        if not isinstance(weight, nn.Parameter):
+            reason = "its weight is not a parameter (weight_norm or a parametrization computes it)"
+        elif id(module) in read_by:
+            reason = f"its weight is read by {read_by[id(module)]} outside the layer's own forward"
+        elif type(module).forward is not _PLAIN_FORWARD[base]:
+            reason = (
+                f"{type(module).__name__} overrides {base.__name__}.forward; converting it would replace "
+                "that forward"
+            )
+        if reason:
+            numel = weight.numel() if isinstance(weight, torch.Tensor) else 0
+            skipped.append(SkippedLayer(names[0], type(module).__name__, numel, reason))
+        else:
+            candidates.append(target)
+
+    by_weight: dict[int, list[_Target]] = {}
+    for target in candidates:
+        by_weight.setdefault(id(target.module.weight), []).append(target)
+    groups = []
+    for weight_id, group in by_weight.items():
+        members = {id(t.module) for t in group}
+        others = [(t, key) for t, key in users[weight_id] if id(t.module) not in members or key != "weight"]
+        if others:
+            other, key = others[0]
+            label = f"{other.names[0] or '(the model)'}.{key}"
+            for t in group:
+                skipped.append(
+                    SkippedLayer(
+                        t.names[0],
+                        type(t.module).__name__,
+                        t.module.weight.numel(),
+                        f"its weight is shared with {label} ({type(other.module).__name__}), which is not "
+                        "converted; training it through one of them only would be wrong",
+                    )
+                )
             continue
-        found.append((name, module))
-    if not found:
+        groups.append(group)
+
+    invalid = []
+    for group in groups:
+        weight = group[0].module.weight
+        if weight.dtype not in _SUPPORTED_DTYPES:
+            invalid.append(f"{group[0].names[0]!r} (weight {weight.dtype})")
+        elif weight.device.type == "meta":
+            invalid.append(f"{group[0].names[0]!r} (weight on the meta device)")
+    if invalid:
+        shown = ", ".join(invalid[:10]) + (f" and {len(invalid) - 10} more" if len(invalid) > 10 else "")
+        raise ValueError(
+            f"apply_sara: cannot convert {len(invalid)} targeted layer(s): {shown}. Sparse-delta layers "
+            "need materialised fp32, bf16 or fp16 weights: cast or load the model first, or leave these "
+            "out with SaRAConfig(exclude_modules=[...]). Nothing was changed"
+        )
+    if not groups:
+        if skipped:
+            raise ValueError(
+                "apply_sara: every targeted layer is unsuitable: "
+                + "; ".join(f"{s.name!r}: {s.reason}" for s in skipped[:5])
+            )
         if config.target_modules is not None:
             raise ValueError(
                 f"apply_sara: target_modules {config.target_modules} match no nn.Linear or nn.Conv2d "
                 "layer of the model (names are those of model.named_modules())"
             )
         raise ValueError("apply_sara: the model has no nn.Linear or nn.Conv2d layer to adapt")
-    return found
+    return groups, skipped
 
 
-def _float_bits(t: torch.Tensor) -> torch.Tensor:
-    """|t| as int32 bit patterns (monotone in the value for non-negative floats)."""
-    return t.detach().reshape(-1).abs().float().view(torch.int32)
+# ---------------------------------------------------------------------------------------------
+# Selection by magnitude: exact k-th smallest |w| over many tensors by a two-pass radix select
+# ---------------------------------------------------------------------------------------------
+_EXPONENT_ALL_ONES = 0x7F800000  # +inf; larger patterns are NaN
 
 
-def _global_kth_magnitude(weights: list[torch.Tensor], k: int) -> float:
-    """The k-th smallest |w| over several tensors, without concatenating them (bisection on the
-    float32 bit patterns: at most 32 counting passes)."""
-    lo, hi = 0, 0x7F800000  # +0.0 .. +inf
-    while lo < hi:
-        mid = (lo + hi) // 2
-        count = sum(int((_float_bits(w) <= mid).sum()) for w in weights)
-        if count >= k:
-            hi = mid
-        else:
-            lo = mid + 1
-    return float(torch.tensor([lo], dtype=torch.int32).view(torch.float32))
+def _magnitude_bits(t: torch.Tensor, exclude_zeros: bool) -> torch.Tensor:
+    """|t| as fp32 bit patterns (int32, monotone in the magnitude), NaN (and zeros) dropped."""
+    bits = t.detach().reshape(-1).abs().float().view(torch.int32) & 0x7FFFFFFF
+    keep = bits <= _EXPONENT_ALL_ONES
+    if exclude_zeros:
+        keep &= bits != 0
+    return bits[keep]
 
 
-def _select_global_count(weights: list[torch.Tensor], k: int) -> tuple[list[torch.Tensor], float]:
-    """Exactly k indices over all weights: every |w| below the k-th value, then ties in layer order
-    and index order. Returns the indices and the k-th magnitude."""
-    kth = _global_kth_magnitude(weights, k)
-    kth_bits = int(torch.tensor([kth], dtype=torch.float32).view(torch.int32))
-    chosen = []
-    remaining_ties = k - sum(int((_float_bits(w) < kth_bits).sum()) for w in weights)
+def _kth_smallest_bits(weights: list[torch.Tensor], k: int, exclude_zeros: bool) -> int:
+    """The bit pattern of the k-th smallest magnitude over ``weights`` (1-based ``k``): a histogram
+    of the high 16 bits, then one of the low 16 bits inside the bin that holds the k-th. Three
+    passes over the weights in all (the selection included), whatever their number."""
+    high = None
     for w in weights:
-        bits = _float_bits(w)
-        below = torch.nonzero(bits < kth_bits).flatten()
-        ties = torch.nonzero(bits == kth_bits).flatten()
-        take = ties[: max(0, remaining_ties)]
-        remaining_ties -= take.numel()
-        index = torch.cat([below, take]).sort().values
-        chosen.append(index.to(reference.index_dtype_for(w.numel())))
-    return chosen, kth
+        h = torch.bincount(_magnitude_bits(w, exclude_zeros) >> 16, minlength=1 << 15)
+        high = h if high is None else high + h.to(high.device)
+    cum = high.cpu().cumsum(0)
+    digit = int(torch.searchsorted(cum, torch.tensor(k)))
+    below = int(cum[digit - 1]) if digit > 0 else 0
+    low = None
+    for w in weights:
+        bits = _magnitude_bits(w, exclude_zeros)
+        h = torch.bincount(bits[(bits >> 16) == digit] & 0xFFFF, minlength=1 << 16)
+        low = h if low is None else low + h.to(low.device)
+    cum = low.cpu().cumsum(0)
+    return (digit << 16) | int(torch.searchsorted(cum, torch.tensor(k - below)))
+
+
+def _bits_to_float(bits: int) -> float:
+    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32))
+
+
+def _select_count(
+    weights: list[torch.Tensor], k: int, exclude_zeros: bool
+) -> tuple[list[torch.Tensor], float]:
+    """Exactly k indices over all weights: every |w| below the k-th value, then ties in layer order
+    and index order. Returns the indices and the k-th magnitude. Temporary memory: one layer's
+    magnitudes at a time."""
+    kth = _kth_smallest_bits(weights, k, exclude_zeros)
+
+    def bits_and_valid(w):
+        bits = w.detach().reshape(-1).abs().float().view(torch.int32) & 0x7FFFFFFF
+        return bits, (bits != 0) if exclude_zeros else None
+
+    below, remaining = [], k
+    for w in weights:
+        bits, valid = bits_and_valid(w)
+        hit = bits < kth if valid is None else (bits < kth) & valid
+        below.append(torch.nonzero(hit).flatten())
+        remaining -= below[-1].numel()
+    chosen = []
+    for w, under in zip(weights, below, strict=True):
+        take = under[:0]
+        if remaining > 0:  # ties at the k-th value: in layer order, then index order
+            bits, _ = bits_and_valid(w)
+            take = torch.nonzero(bits == kth).flatten()[:remaining]  # kth > 0 when zeros are excluded
+            remaining -= take.numel()
+        chosen.append(torch.cat([under, take]).sort().values.to(reference.index_dtype_for(w.numel())))
+    return chosen, _bits_to_float(kth)
 
 
 def _next_float32_above(value: float) -> float:
@@ -252,135 +450,217 @@ def _next_float32_above(value: float) -> float:
     return float(torch.nextafter(v, torch.tensor(math.inf, dtype=torch.float32)))
 
 
+def _select(weights: list[torch.Tensor], config: SaRAConfig, zeros: list[int]):
+    """(indices, re-selection thresholds, the largest threshold tried) for the config's rule."""
+    exclude = not config.include_zeros
+    targeted = sum(w.numel() for w in weights)
+    available = targeted - (sum(zeros) if exclude else 0)
+    select = torch.ops.sara_kernels.select_small_magnitude
+    with torch.no_grad():
+        if config.threshold is not None:
+            indices = []
+            for w, z in zip(weights, zeros, strict=True):
+                index = select(w.detach(), config.threshold, None)
+                if exclude and z:
+                    index = index[w.detach().reshape(-1)[index.long()] != 0]
+                indices.append(index)
+            return indices, [config.threshold] * len(weights), config.threshold
+        if config.budget_scope == "global":
+            k = config.count if config.count is not None else int(round(config.fraction * targeted))
+            if k > available:
+                raise ValueError(
+                    f"apply_sara: count={k} exceeds the {available} selectable entries of the targeted "
+                    "layers"
+                    + (" (exact zeros are not selectable; SaRAConfig(include_zeros=True))" if exclude else "")
+                )
+            if k == 0:
+                return [torch.empty(0, dtype=torch.int32) for _ in weights], [0.0] * len(weights), 0.0
+            indices, kth = _select_count(weights, k, exclude)
+            _warn_zero_cut(kth)
+            tried = _next_float32_above(kth)
+            return indices, [tried] * len(weights), tried
+        indices, thresholds = [], []
+        for w, z in zip(weights, zeros, strict=True):
+            k = config.count if config.count is not None else int(round(config.fraction * w.numel()))
+            k = min(k, w.numel() - (z if exclude else 0))
+            if k <= 0:
+                index, kth = torch.empty(0, dtype=reference.index_dtype_for(w.numel())), 0.0
+            elif exclude and z:
+                (index,), kth = _select_count([w], k, True)
+            else:
+                index = select(w.detach(), None, k)
+                kth = float(w.detach().reshape(-1)[index.long()].abs().max())
+            indices.append(index)
+            thresholds.append(_next_float32_above(kth))
+        return indices, thresholds, max(thresholds)
+
+
+def _warn_zero_cut(kth: float) -> None:
+    if kth == 0.0:
+        warnings.warn(
+            "apply_sara: the budget's cut lies at |w| = 0 (exact zeros fill it): re-selection would "
+            "freeze every selected entry that moved at all. Leave zeros out (include_zeros=False, "
+            "the default) or use a threshold",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def _parents(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """id(child) -> every (parent, attribute name) that holds it."""
+    found: dict[int, list[tuple[nn.Module, str]]] = {}
+    for parent in model.modules():
+        for name, child in parent._modules.items():
+            if child is not None:
+                found.setdefault(id(child), []).append((parent, name))
+    return found
+
+
 def apply_sara(model: nn.Module, config: SaRAConfig | None = None) -> nn.Module:
     """Convert ``model``'s Linear/Conv2d layers to sparse-delta layers in place, select the
     trainable entries and freeze everything else.
+
+    Everything is checked before anything changes: an error leaves the model as it was. A module
+    reached under several names is converted once and replaced everywhere; modules sharing a weight
+    Parameter share one delta. Layers that cannot be trained this way are not converted, with a
+    warning and a line each in the summary: a weight read outside the layer's own forward
+    (``nn.MultiheadAttention``, HunyuanDiT's attention pooling), a subclass with its own
+    ``forward``, a weight shared with a module that is not converted, a computed weight. Exact zeros
+    are not selected unless ``config.include_zeros``. Runs in time linear in the number of layers.
 
     Args:
         model: any ``nn.Module`` (a diffusers UNet, a transformer, ...).
         config: :class:`SaRAConfig` (default: the paper's global threshold 2e-3).
 
     Returns:
-        ``model`` (modified in place); ``model.sara_summary`` holds a :class:`SaRASummary` and
-        ``model.sara_config`` the config.
+        ``model`` (modified in place; the new layer when ``model`` itself is a Linear/Conv2d);
+        ``model.sara_summary`` holds a :class:`SaRASummary` and ``model.sara_config`` the config.
 
     Raises:
-        ValueError: if no layer matches, or the rule selects no entry at all (the message gives
-            the largest threshold tried and the smallest ``|w|`` seen).
+        ValueError: no layer matches, a targeted layer has an unsupported weight, or the rule
+            selects no entry at all (the message gives the largest threshold tried and the smallest
+            ``|w|`` seen).
     """
     config = config if config is not None else SaRAConfig()
     if not isinstance(config, SaRAConfig):
         raise TypeError(f"apply_sara: config must be a SaRAConfig, got {type(config).__name__}")
-    targets = _targets(model, config)
-    weights = [module.weight for _, module in targets]
+    groups, skipped = _plan(model, config)
+    weights = [group[0].module.weight for group in groups]
     targeted_entries = sum(w.numel() for w in weights)
-    smallest = min(float(w.detach().abs().min()) for w in weights)
-
-    thresholds: list[float | None]
-    if config.threshold is not None:
-        with torch.no_grad():
-            indices = [
-                torch.ops.sara_kernels.select_small_magnitude(w.detach(), config.threshold, None)
-                for w in weights
-            ]
-        thresholds = [config.threshold] * len(weights)
-        tried = config.threshold
-    elif config.budget_scope == "global":
-        k = config.count if config.count is not None else int(round(config.fraction * targeted_entries))
-        if k > targeted_entries:
-            raise ValueError(
-                f"apply_sara: count={k} exceeds the {targeted_entries} entries of the targeted layers"
-            )
-        with torch.no_grad():
-            indices, kth = _select_global_count(weights, k) if k > 0 else ([None] * len(weights), 0.0)
-        indices = [i if i is not None else torch.empty(0, dtype=torch.int32) for i in indices]
-        # "Still below" at re-selection: strictly above the largest selected magnitude is out.
-        tried = _next_float32_above(kth)
-        thresholds = [tried] * len(weights)
-    else:
-        indices, thresholds = [], []
-        for w in weights:
-            k = config.count if config.count is not None else int(round(config.fraction * w.numel()))
-            k = min(k, w.numel())
-            with torch.no_grad():
-                index = torch.ops.sara_kernels.select_small_magnitude(w.detach(), None, k)
-                kth = float(w.detach().reshape(-1)[index.long()].abs().max()) if k else 0.0
-            indices.append(index)
-            thresholds.append(_next_float32_above(kth))
-        tried = max(thresholds) if thresholds else None
-
+    with torch.no_grad():
+        zeros = [int((w.detach() == 0).sum()) for w in weights]
+    indices, thresholds, tried = _select(weights, config, zeros)
     total_k = sum(int(i.numel()) for i in indices)
     if total_k == 0:
+        smallest = min(
+            float(w.detach().abs()[w.detach() != 0].min()) if z < w.numel() else math.inf
+            for w, z in zip(weights, zeros, strict=True)
+        )
         raise ValueError(
             f"apply_sara: the selection rule selects no entry (largest threshold tried: {tried:.6g}; "
-            f"smallest |w| seen: {smallest:.6g}); raise the threshold above {smallest:.6g} or give a "
-            "fraction/count budget"
+            f"smallest non-zero |w| seen: {smallest:.6g}); raise the threshold above {smallest:.6g} or "
+            "give a fraction/count budget"
         )
 
-    # Freeze everything, then convert (the deltas are created trainable).
+    # Everything is validated: freeze, then convert (the deltas are created trainable).
     for p in model.parameters():
         p.requires_grad_(False)
+    parents = _parents(model)
     layers = []
-    for (name, module), index, threshold in zip(targets, indices, thresholds, strict=True):
-        cls = SparseDeltaLinear if isinstance(module, nn.Linear) else SparseDeltaConv2d
-        new = cls.from_dense(module, index=index.to(module.weight.device))
-        new.sparse_threshold = threshold
-        _replace_module(model, name, new)
-        if name == "":
-            model = new
-        layers.append(
-            LayerSelection(
-                name,
-                "linear" if cls is SparseDeltaLinear else "conv2d",
-                tuple(module.weight.shape),
-                module.weight.numel(),
-                int(index.numel()),
+    root = model
+    for group, index, threshold in zip(groups, indices, thresholds, strict=True):
+        owner_name = None
+        for target in group:
+            module = target.module
+            cls = SparseDeltaLinear if isinstance(module, nn.Linear) else SparseDeltaConv2d
+            if owner_name is None:
+                new = cls.from_dense(module, index=index.to(module.weight.device), name=target.names[0])
+                new.sparse_threshold = threshold
+            else:
+                new = cls.from_dense(module, name=target.names[0])  # shares the owner's sparse state
+            for parent, attr in parents.get(id(module), []):
+                setattr(parent, attr, new)
+            if module is model:
+                root = new
+            layers.append(
+                LayerSelection(
+                    target.names[0],
+                    "linear" if cls is SparseDeltaLinear else "conv2d",
+                    tuple(module.weight.shape),
+                    module.weight.numel(),
+                    int(index.numel()),
+                    aliases=tuple(target.names[1:]),
+                    shares_with=owner_name,
+                )
             )
-        )
+            owner_name = owner_name or target.names[0]
     if config.train_bias:
-        for module in model.modules():
+        for module in root.modules():
             bias = getattr(module, "bias", None)
             if isinstance(bias, nn.Parameter):
                 bias.requires_grad_(True)
     if config.train_norm:
-        for module in model.modules():
+        for module in root.modules():
             if isinstance(module, _NORM_TYPES):
                 for p in module.parameters(recurse=False):
                     p.requires_grad_(True)
+    deltas = {id(m.sparse_delta) for _, m in sparse_layers(root)}
+    zero_layers = [g[0].names[0] for g, w, z in zip(groups, weights, zeros, strict=True) if z == w.numel()]
     summary = SaRASummary(
         layers=layers,
         total_k=total_k,
         targeted_entries=targeted_entries,
-        model_parameters=sum(p.numel() for p in model.parameters() if not _is_delta_param(model, p)),
+        model_parameters=sum(p.numel() for p in root.parameters() if id(p) not in deltas),
         threshold=config.threshold,
+        skipped=skipped,
+        zero_entries=sum(zeros),
+        zero_layers=zero_layers,
+        include_zeros=config.include_zeros,
     )
-    model.sara_config = config
-    model.sara_summary = summary
-    return model
-
-
-def _is_delta_param(model: nn.Module, p: torch.Tensor) -> bool:
-    return any(p is m.sparse_delta for m in model.modules() if isinstance(m, _SparseDeltaMixin))
-
-
-def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    if name == "":
-        return
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+    if skipped:
+        shown = "; ".join(f"{s.name!r} ({s.kind}): {s.reason}" for s in skipped[:6])
+        warnings.warn(
+            f"apply_sara: {len(skipped)} targeted layer(s) not converted, so not trained: {shown}"
+            + (f"; and {len(skipped) - 6} more" if len(skipped) > 6 else "")
+            + " (all listed in model.sara_summary)",
+            UserWarning,
+            stacklevel=2,
+        )
+    if zero_layers and not config.include_zeros:
+        shown = ", ".join(repr(n) for n in zero_layers[:6]) + (" ..." if len(zero_layers) > 6 else "")
+        warnings.warn(
+            f"apply_sara: {len(zero_layers)} layer(s) have all-zero weights ({shown}), e.g. a ControlNet's "
+            "zero convolutions: SaRA selects no entry there (exact zeros are initialisations, not small "
+            "weights). Train such layers densely (set their requires_grad and give them to the "
+            "optimizer), or select zeros with SaRAConfig(include_zeros=True)",
+            UserWarning,
+            stacklevel=2,
+        )
+    root.sara_config = config
+    root.sara_summary = summary
+    return root
 
 
 def sparse_layers(model: nn.Module) -> Iterator[tuple[str, _SparseDeltaMixin]]:
-    """(name, layer) for every sparse-delta layer of ``model``."""
+    """(name, layer) for every sparse-delta layer of ``model`` (layers sharing a weight each appear)."""
     for name, module in model.named_modules():
         if isinstance(module, _SparseDeltaMixin):
             yield name, module
 
 
+def _unique_layers(model: nn.Module) -> list[tuple[str, _SparseDeltaMixin]]:
+    """One (name, layer) per delta: layers sharing a weight share one delta."""
+    found, seen = [], set()
+    for name, layer in sparse_layers(model):
+        if id(layer.sparse_delta) not in seen:
+            seen.add(id(layer.sparse_delta))
+            found.append((name, layer))
+    return found
+
+
 def sparse_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The trainable deltas of ``model``'s sparse-delta layers, for the optimizer."""
-    params = [m.sparse_delta for _, m in sparse_layers(model) if m.sparse_delta.requires_grad]
+    """The trainable deltas of ``model``'s sparse-delta layers, for the optimizer (each once)."""
+    params = [m.sparse_delta for _, m in _unique_layers(model) if m.sparse_delta.requires_grad]
     if not params:
         raise ValueError("sparse_parameters: the model has no sparse-delta layer (call apply_sara first)")
     return params
@@ -415,10 +695,16 @@ def reselect_(
     """Progressive parameter adjustment: keep training only the entries whose current ``|w|`` is
     still below the threshold; freeze the others with their learned delta (kept in the adapter).
 
+    No tensor changes shape (see :mod:`sara_kernels.nn`): the frozen entries move to the last slots
+    of each layer with a zero delta, gradient and optimizer state. So an optimizer, a DDP or
+    accelerate wrapper and a checkpoint stay valid, ranks stay bit-identical, and nothing needs
+    rebuilding. The per-entry state of every optimizer that has stepped the deltas (and of
+    ``optimizer``), and of every :class:`~sara_kernels.SparseEMA`, moves with the entries.
+
     Args:
         model: a model converted by :func:`apply_sara` (or holding sparse-delta layers).
-        optimizer: the optimizer over the deltas; the survivors' Adam moments are carried over
-            (gathered), so training continues without a lost step. Pass it whenever it has state.
+        optimizer: an optimizer over the deltas whose state must follow, if it has not stepped yet
+            in this process (e.g. just loaded from a checkpoint); those that stepped are known.
         threshold: θ for the rule (default: the threshold each layer was selected with).
         reset_state: reset the moments instead (the official code's behaviour; default from
             ``model.sara_config.reset_state_on_reselect``).
@@ -427,76 +713,47 @@ def reselect_(
     entries: then the second stage trains almost nothing.
 
     Returns:
-        A :class:`ReselectionSummary`. Deltas keep their identity (the optimizer's param groups
-        stay valid); a DDP wrapper must be rebuilt after it, since parameter sizes change.
+        A :class:`ReselectionSummary`.
     """
-    layers = list(sparse_layers(model))
+    layers = _unique_layers(model)
     if not layers:
         raise ValueError("reselect_: the model has no sparse-delta layer (call apply_sara first)")
     if threshold is not None and not (
-        isinstance(threshold, (int, float)) and threshold > 0 and math.isfinite(threshold)
+        isinstance(threshold, (int, float))
+        and not isinstance(threshold, bool)
+        and threshold > 0
+        and math.isfinite(threshold)
     ):
         raise ValueError(f"reselect_: threshold must be a positive finite number, got {threshold!r}")
     if reset_state is None:
         config = getattr(model, "sara_config", None)
         reset_state = bool(config.reset_state_on_reselect) if isinstance(config, SaRAConfig) else False
-    trained = any(bool((layer.sparse_delta != 0).any()) for _, layer in layers)
-    if not trained:
+    thetas = []
+    for name, layer in layers:
+        theta = threshold if threshold is not None else layer.sparse_threshold
+        if theta is None:
+            raise ValueError(
+                f"reselect_: layer {name!r} was built with an explicit index and no threshold; pass threshold="
+            )
+        thetas.append(theta)
+    if not any(bool((layer.sparse_delta != 0).any()) for _, layer in layers):
         raise RuntimeError(
             "reselect_: no delta has changed from 0 yet; re-selection is meant after some training "
             "(the paper re-selects half-way)"
         )
     kept_total = frozen_total = 0
     per_layer = {}
-    thetas = set()
-    for name, layer in layers:
-        theta = threshold if threshold is not None else layer.sparse_threshold
-        thetas.add(theta)
-        if theta is None:
-            raise ValueError(
-                f"reselect_: layer {name!r} was built with an explicit index and no threshold; pass threshold="
-            )
+    for (name, layer), theta in zip(layers, thetas, strict=True):
         layer._maybe_merge()
-        index = layer.sparse_index
-        current = layer.weight.view(-1)[index.long()].float().abs()
-        keep = current < theta
-        drop = ~keep
-        delta = layer.sparse_delta
-        if bool(drop.any()):
-            frozen_index = torch.cat([layer.sparse_frozen_index, index[drop]])
-            order = torch.argsort(frozen_index)
-            layer.sparse_frozen_index = frozen_index[order].contiguous()
-            layer.sparse_frozen_base = torch.cat([layer.sparse_frozen_base, layer.sparse_base[drop]])[order]
-            layer.sparse_frozen_delta = torch.cat([layer.sparse_frozen_delta, delta.detach()[drop]])[order]
-        new_index = index[keep].contiguous()
-        _checks.mark_index_checked(new_index, layer.weight.numel())
-        layer.sparse_index = new_index
-        layer.sparse_base = layer.sparse_base[keep].contiguous()
-        survivors = delta.data[keep].contiguous()
-        # Resize the delta in place so optimizers and user references stay valid. Autograd caches a
-        # leaf's AccumulateGrad node with the old shape while any earlier graph still holds it
-        # (e.g. the last loss tensor), and set_data resets that cache only on a dtype/device
-        # change: pass through fp64 so the next backward gets a node with the new shape.
-        delta.data = survivors.double()
-        delta.data = survivors
-        delta.grad = None
-        if optimizer is not None and delta in optimizer.state:
-            state = optimizer.state[delta]
-            for key, value in list(state.items()):
-                if isinstance(value, torch.Tensor) and value.shape == keep.shape:
-                    state[key] = torch.zeros_like(value[keep]) if reset_state else value[keep].contiguous()
-            if reset_state and "step" in state:
-                state["step"] = (
-                    torch.zeros_like(state["step"]) if isinstance(state["step"], torch.Tensor) else 0
-                )
-        kept, frozen = int(keep.sum()), int(drop.sum())
+        index, _, _ = layer.trainable_state()
+        current = layer.weight.detach().reshape(-1)[index.long()].float().abs()
+        kept, frozen = layer.freeze_(current < theta, optimizers=(optimizer,), reset_state=reset_state)
         per_layer[name] = (kept, frozen)
         kept_total += kept
         frozen_total += frozen
-        mark_merged(delta)
     total = kept_total + frozen_total
     if total and kept_total < RESELECT_WARN_SHARE * total:
-        known = sorted(float(t) for t in thetas if t is not None)
+        known = sorted(float(t) for t in thetas)
         shown = f"{known[0]:.3g}" if known[0] == known[-1] else f"{known[0]:.3g} to {known[-1]:.3g} by layer"
         warnings.warn(
             f"reselect_: only {kept_total} of {total} trained entries ({kept_total / total:.1%}) are still "
@@ -510,6 +767,12 @@ def reselect_(
     return ReselectionSummary(kept_total, frozen_total, per_layer)
 
 
+def _step_number(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"ProgressiveReselection: {name} must be a positive step number, got {value!r}")
+    return value
+
+
 class ProgressiveReselection:
     """Call :meth:`step` once per optimizer step; it runs :func:`reselect_` at the configured step.
 
@@ -517,8 +780,13 @@ class ProgressiveReselection:
         model, optimizer: as for :func:`reselect_`.
         total_steps: the run's length; needed when ``at`` is a fraction.
         at: a fraction of ``total_steps`` in (0, 1) or a step number (default:
-            ``model.sara_config.progressive_at``, else 0.5 as in the paper).
+            ``model.sara_config.progressive_at``, else 0.5 as in the paper). A step number beyond
+            ``total_steps`` is an error (it would never fire).
         threshold, reset_state: passed to :func:`reselect_`.
+
+    Checkpoint it with the run (``state_dict``/``load_state_dict``; accelerate:
+    ``accelerator.register_for_checkpointing(progressive)``), so a resumed run neither re-selects
+    twice nor misses it.
     """
 
     def __init__(
@@ -534,14 +802,19 @@ class ProgressiveReselection:
         config = getattr(model, "sara_config", None)
         if at is None:
             at = config.progressive_at if isinstance(config, SaRAConfig) and config.progressive_at else 0.5
+        if total_steps is not None:
+            total_steps = _step_number(total_steps, "total_steps")
         if isinstance(at, float):
             if not 0 < at < 1:
                 raise ValueError(f"ProgressiveReselection: a fractional 'at' must lie in (0, 1), got {at}")
-            if total_steps is None or total_steps <= 0:
+            if total_steps is None:
                 raise ValueError("ProgressiveReselection: total_steps is needed when 'at' is a fraction")
             at = max(1, int(round(at * total_steps)))
-        if not isinstance(at, int) or at <= 0:
-            raise ValueError(f"ProgressiveReselection: 'at' must be a positive step number, got {at!r}")
+        at = _step_number(at, "'at'")
+        if total_steps is not None and at > total_steps:
+            raise ValueError(
+                f"ProgressiveReselection: at={at} lies beyond total_steps={total_steps}; it would never run"
+            )
         self.model, self.optimizer, self.at = model, optimizer, at
         self.threshold, self.reset_state = threshold, reset_state
         self.steps = 0
@@ -568,6 +841,7 @@ __all__ = [
     "ReselectionSummary",
     "SaRAConfig",
     "SaRASummary",
+    "SkippedLayer",
     "apply_sara",
     "reselect_",
     "sparse_layers",

@@ -126,11 +126,13 @@ def _quantized_net(step: float = 1 / 64) -> Net:
     return net
 
 
-def _brute_force_global(net: Net, k: int) -> dict[str, torch.Tensor]:
+def _brute_force_global(net: Net, k: int, include_zeros: bool = True) -> dict[str, torch.Tensor]:
     """concat |w| over the layers (module order), stable sort, first k: ties go to the earlier
-    layer, then the smaller index."""
+    layer, then the smaller index. Without ``include_zeros`` exact zeros sort last (never chosen)."""
     layers = dense_layers(net)
     mags = torch.cat([m.weight.detach().reshape(-1).abs() for _, m in layers])
+    if not include_zeros:
+        mags = torch.where(mags == 0, torch.full_like(mags, math.inf), mags)
     chosen = torch.sort(mags, stable=True).indices[:k]
     out, offset = {}, 0
     for name, m in layers:
@@ -141,36 +143,39 @@ def _brute_force_global(net: Net, k: int) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.mark.parametrize("include_zeros", [True, False])
 @pytest.mark.parametrize("rule", ["count", "fraction"])
-def test_global_budget_matches_brute_force_with_ties(rule):
+def test_global_budget_matches_brute_force_with_ties(rule, include_zeros):
     net = _quantized_net()
     mags = torch.cat([m.weight.detach().reshape(-1).abs() for _, m in dense_layers(net)])
     total = mags.numel()
     zeros = int((mags == 0).sum())
     ties = int((mags == 1 / 64).sum())
     assert zeros > 10 and ties > 10
+    below = zeros if include_zeros else 0  # entries below the group of ties at 1/64
     if rule == "count":
-        k = zeros + ties // 2  # the cut falls inside the group of ties at 1/64
-        config = sk.SaRAConfig(count=k)
+        k = below + ties // 2  # the cut falls inside the group of ties at 1/64
+        config = sk.SaRAConfig(count=k, include_zeros=include_zeros)
     else:
-        fraction = (zeros + ties // 3) / total
+        fraction = (below + ties // 3) / total
         k = int(round(fraction * total))
-        config = sk.SaRAConfig(fraction=fraction)
-    assert zeros < k < zeros + ties
-    expected = _brute_force_global(net, k)
+        config = sk.SaRAConfig(fraction=fraction, include_zeros=include_zeros)
+    assert below < k < below + ties
+    expected = _brute_force_global(net, k, include_zeros)
     weights = {n: m.weight.detach().clone() for n, m in dense_layers(net)}
     sk.apply_sara(net, config)
     got = {n: net.get_submodule(n).sparse_index.long() for n in expected}
     assert sum(g.numel() for g in got.values()) == k == net.sara_summary.total_k
-    # Tie-agnostic: exactly k entries, each selected |w| <= each unselected |w|.
+    # Tie-agnostic: exactly k entries, each selected |w| <= each unselected |w| (zeros aside).
     selected, rest = [], []
     for n, w in weights.items():
         flat = w.reshape(-1).abs()
         mask = torch.zeros_like(flat, dtype=torch.bool)
         mask[got[n]] = True
         selected.append(flat[mask])
-        rest.append(flat[~mask])
+        rest.append(flat[~mask] if include_zeros else flat[~mask & (flat != 0)])
     assert torch.cat(selected).max() <= torch.cat(rest).min()
+    assert include_zeros or bool((torch.cat(selected) > 0).all())
     # And the documented deterministic tie-break (layer order, then index).
     for n in expected:
         assert torch.equal(got[n], expected[n]), n
@@ -210,16 +215,23 @@ def test_fraction_budget_on_random_weights_is_global_not_per_layer():
     assert max(densities) - min(densities) > 0.02
 
 
+@pytest.mark.parametrize("include_zeros", [True, False])
 @pytest.mark.parametrize("rule", [dict(fraction=0.1), dict(count=7)])
-def test_per_layer_budget(rule):
+def test_per_layer_budget(rule, include_zeros):
     net = _quantized_net()
     expected = {}
     for n, m in dense_layers(net):
         numel = m.weight.numel()
-        k = int(round(rule["fraction"] * numel)) if "fraction" in rule else min(rule["count"], numel)
-        order = torch.sort(m.weight.detach().reshape(-1).abs(), stable=True).indices[:k]
+        mags = m.weight.detach().reshape(-1).abs()
+        available = numel if include_zeros else int((mags != 0).sum())
+        k = int(round(rule["fraction"] * numel)) if "fraction" in rule else rule["count"]
+        k = min(k, available)
+        if not include_zeros:
+            mags = torch.where(mags == 0, torch.full_like(mags, math.inf), mags)
+        order = torch.sort(mags, stable=True).indices[:k]
         expected[n] = torch.sort(order).values
-    sk.apply_sara(net, sk.SaRAConfig(budget_scope="per_layer", **rule))
+    assert any(int((m.weight == 0).sum()) for _, m in dense_layers(net))
+    sk.apply_sara(net, sk.SaRAConfig(budget_scope="per_layer", include_zeros=include_zeros, **rule))
     for n, index in expected.items():
         layer = net.get_submodule(n)
         assert torch.equal(layer.sparse_index.long(), index), n
@@ -454,10 +466,20 @@ def test_zero_grad():
 
 
 def _assert_merged(model):
+    """The layer invariant: weight[index[j]] == base[j] + delta[j] (+ the frozen delta in the frozen
+    slots j >= k, whose trainable delta is exactly 0)."""
     for n, layer in sk.sparse_layers(model):
+        k = layer.k
         idx = layer.sparse_index.long()
-        expected = (layer.sparse_base.float() + layer.sparse_delta.detach()).to(layer.weight.dtype)
+        total = layer.sparse_delta.detach().clone()
+        assert not total[k:].any(), n
+        total[k:] += layer.sparse_frozen_delta
+        expected = (layer.sparse_base.float() + total).to(layer.weight.dtype)
         assert torch.equal(layer.weight.detach().reshape(-1)[idx], expected), n
+
+
+def _trainable_count(model) -> int:
+    return sum(layer.k for _, layer in sk.sparse_layers(model))
 
 
 @pytest.mark.parametrize(
@@ -488,13 +510,11 @@ def test_plain_torch_optimizers_auto_remerge(make_opt):
         torch.testing.assert_close(loss, loss_of(twin, x, y), rtol=0, atol=0)
         loss.backward()
         opt.step()
-        if step == 0:
-            # the plain optimizer changed the delta but not the weight: stale until the next forward
-            idx = net.proj.sparse_index.long()
-            assert not torch.equal(
-                net.proj.weight.detach().reshape(-1)[idx],
-                net.proj.sparse_base + net.proj.sparse_delta.detach(),
-            )
+        # merged right after step(): a state_dict() / save_pretrained() here is current
+        _assert_merged(net)
+        for n, layer in sk.sparse_layers(net):
+            saved = net.state_dict()[f"{n}.weight"].reshape(-1)[layer.sparse_index.long()]
+            assert torch.equal(saved, layer.sparse_base + layer.sparse_delta.detach()), n
     assert any(p.abs().max() > 0 for p in sk.sparse_parameters(net))
     assert loss_of(net, x, y) < loss  # training works
 
@@ -653,9 +673,13 @@ def test_reselect_survivors_frozen_moments_and_adapter():
         keep = (b["base"].float() + b["delta"]).abs() < theta
         assert summary.per_layer[n] == (int(keep.sum()), int((~keep).sum()))
         assert layer.sparse_delta is b["param"]  # identity kept: the optimizer still holds it
-        assert torch.equal(layer.sparse_index, b["index"][keep])
-        assert torch.equal(layer.sparse_base, b["base"][keep])
-        assert torch.equal(layer.sparse_delta.detach(), b["delta"][keep])
+        k = layer.k
+        # Shapes unchanged; the survivors fill the first k slots, the frozen entries the rest.
+        assert layer.sparse_delta.shape == b["delta"].shape and layer.adapted_count == b["index"].numel()
+        assert torch.equal(layer.sparse_index[:k], b["index"][keep])
+        assert torch.equal(layer.sparse_base[:k], b["base"][keep])
+        assert torch.equal(layer.sparse_delta.detach()[:k], b["delta"][keep])
+        assert not layer.sparse_delta.detach()[k:].any()
         assert torch.equal(layer.sparse_frozen_index, b["index"][~keep])
         assert torch.equal(layer.sparse_frozen_delta, b["delta"][~keep])
         assert torch.equal(layer.sparse_frozen_base, b["base"][~keep])
@@ -664,12 +688,12 @@ def test_reselect_survivors_frozen_moments_and_adapter():
         assert torch.equal(flat[frozen_idx], b["base"][~keep] + b["delta"][~keep])  # frozen stay merged
         for got, want in zip(layer.adapter_state(), b["adapter"], strict=True):  # the union, sorted
             assert torch.equal(got, want)
-        assert layer.adapted_count == b["index"].numel()
         state = opt.state[layer.sparse_delta]
-        assert torch.equal(state["exp_avg"], b["exp_avg"][keep])
-        assert torch.equal(state["exp_avg_sq"], b["exp_avg_sq"][keep])
+        assert torch.equal(state["exp_avg"][:k], b["exp_avg"][keep]) and not state["exp_avg"][k:].any()
+        assert torch.equal(state["exp_avg_sq"][:k], b["exp_avg_sq"][keep]) and not state["exp_avg_sq"][k:].any()
         assert float(state["step"]) == b["step"]
-        assert layer.sparse_delta.grad is None
+        grad = layer.sparse_delta.grad
+        assert grad is None or not grad[k:].any()
 
     # training continues: grads are the dense gradient at the surviving entries
     frozen_values = {
@@ -685,8 +709,10 @@ def test_reselect_survivors_frozen_moments_and_adapter():
     opt.zero_grad()
     loss_of(net, x, y).backward()
     for n, layer in sk.sparse_layers(net):
-        dense_grad = twin.get_submodule(n).weight.grad.reshape(-1)[layer.sparse_index.long()]
-        torch.testing.assert_close(layer.sparse_delta.grad, dense_grad, rtol=1e-4, atol=1e-6)
+        k = layer.k
+        dense_grad = twin.get_submodule(n).weight.grad.reshape(-1)[layer.sparse_index[:k].long()]
+        torch.testing.assert_close(layer.sparse_delta.grad[:k], dense_grad, rtol=1e-4, atol=1e-6)
+        assert not layer.sparse_delta.grad[k:].any()  # no gradient reaches the frozen entries
     survivors_before = [p.detach().clone() for p in sk.sparse_parameters(net)]
     opt.step()
     for _ in range(2):
@@ -772,15 +798,15 @@ def test_progressive_reselection_triggers_at_the_right_step(at, total, expected)
         opt.zero_grad()
         loss_of(net, x, y).backward()
         opt.step()
-        k_now = sum(p.numel() for p in sk.sparse_parameters(net))
+        k_now = _trainable_count(net)
         assert k_now == k_before  # nothing happens before step()
         if progressive.step():
             fired.append(step)
             assert progressive.summary is not None
-            assert sum(p.numel() for p in sk.sparse_parameters(net)) == progressive.summary.kept < k_before
+            assert _trainable_count(net) == progressive.summary.kept < k_before
         else:
             assert (progressive.summary is None) == (step < expected)
-        k_before = sum(p.numel() for p in sk.sparse_parameters(net))
+        k_before = _trainable_count(net)
     assert fired == [expected]
 
 
@@ -828,7 +854,7 @@ def test_count_wrong_type_and_too_large():
         sk.SaRAConfig(count=2.5)
     net = make_net()
     total = sum(m.weight.numel() for _, m in dense_layers(net))
-    with pytest.raises(ValueError, match=f"exceeds the {total} entries"):
+    with pytest.raises(ValueError, match=f"exceeds the {total} selectable entries"):
         sk.apply_sara(net, sk.SaRAConfig(count=total + 1))
     assert not list(sk.sparse_layers(net))  # nothing converted
 
