@@ -373,7 +373,7 @@ def setup_method(method: str, model: nn.Module, args, K: int, K_linear: int) -> 
         def buffers():
             out = []
             for m in layers:
-                out += [m.sparse_index, m.sparse_base, m.sparse_frozen_index, m.sparse_frozen_base, m.sparse_frozen_delta]
+                out += [m.sparse_index, m.sparse_base, m.sparse_frozen_delta]
             return out
 
         def save(d):

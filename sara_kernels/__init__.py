@@ -8,6 +8,10 @@ Layers and method:
     paper_learning_rate                     lr = 1e-3 * exp(-350 * threshold)
     nuclear_norm_loss                       the low-rank constraint on the deltas ("svd" or "polar")
     save_adapter, load_adapter, merge_and_unload   safetensors adapters, scaling/adding, deployment
+    SparseEMA                               k-sized EMA of the deltas (diffusers' EMAModel interface)
+    save_training_state, load_training_state   checkpoint / resume a run (the trained state only)
+    dense_state_dict                        state_dict() of the plain merged model (save_pretrained)
+    sara_kernels.integrations.accelerate    accelerator.save_state / load_state hooks
 
 Kernels:
     sara_kernels.ops          the ops (typed wrappers of torch.ops.sara_kernels.*)
@@ -20,7 +24,14 @@ from sara_kernels._backend import BACKENDS, backends, use_backend, use_grad_vari
 from sara_kernels._checks import index_checks, set_index_checks
 from sara_kernels._version import __version__
 from sara_kernels.adapter import load_adapter, merge_and_unload, read_adapter, save_adapter
-from sara_kernels.nn import SparseDeltaConv2d, SparseDeltaLinear
+from sara_kernels.ema import SparseEMA
+from sara_kernels.nn import (
+    DeltaParameter,
+    SparseDeltaConv2d,
+    SparseDeltaLinear,
+    SparseStateWarning,
+    dense_state_dict,
+)
 from sara_kernels.optim import SparseAdamW, paper_learning_rate
 from sara_kernels.regularizers import nuclear_norm_loss
 from sara_kernels.sara import (
@@ -31,19 +42,25 @@ from sara_kernels.sara import (
     sparse_layers,
     sparse_parameters,
 )
+from sara_kernels.training_state import load_training_state, save_training_state
 
 __all__ = [
     "BACKENDS",
+    "DeltaParameter",
     "ProgressiveReselection",
     "SaRAConfig",
     "SparseAdamW",
     "SparseDeltaConv2d",
     "SparseDeltaLinear",
+    "SparseEMA",
+    "SparseStateWarning",
     "__version__",
     "apply_sara",
     "backends",
+    "dense_state_dict",
     "index_checks",
     "load_adapter",
+    "load_training_state",
     "merge_and_unload",
     "nuclear_norm_loss",
     "ops",
@@ -51,6 +68,7 @@ __all__ = [
     "read_adapter",
     "reselect_",
     "save_adapter",
+    "save_training_state",
     "set_index_checks",
     "sparse_layers",
     "sparse_parameters",

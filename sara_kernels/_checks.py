@@ -109,6 +109,12 @@ def mark_index_checked(index: torch.Tensor, numel: int) -> None:
     index._sara_kernels_checked = (numel, index._version)
 
 
+def remember_index_checked(index: torch.Tensor, numel: int) -> None:
+    """Record that the caller validated ``index`` for a weight of ``numel`` entries (range and
+    strictly increasing order), as :func:`mark_index_checked` does after validating it."""
+    index._sara_kernels_checked = (numel, index._version)
+
+
 def check_contiguous_weight(op: str, weight: torch.Tensor, name: str = "weight") -> None:
     if not weight.is_contiguous():
         raise ValueError(

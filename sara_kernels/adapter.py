@@ -31,7 +31,6 @@ import hashlib
 import json
 import math
 import os
-import uuid
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -41,6 +40,7 @@ from torch import nn
 
 from sara_kernels import _checks
 from sara_kernels import nn as sk_nn
+from sara_kernels._io import atomic_save_file
 from sara_kernels._version import __version__
 from sara_kernels.nn import SparseDeltaConv2d, SparseDeltaLinear
 
@@ -304,7 +304,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, include_base: boo
     Raises:
         AdapterError: the model has no sparse-delta layer, or ``path`` is a directory.
     """
-    safetensors = _safetensors()
+    _safetensors()
     path = os.fspath(path)
     layers, seen = [], set()
     for name, layer in _sparse_layers(model):
@@ -352,39 +352,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, include_base: boo
             }
         )
 
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
-    # Created with O_EXCL and mode 0o666 so the final file gets the usual umask permissions.
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    try:
-        safetensors.torch.save_file(tensors, tmp, metadata=metadata)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_directory(directory)
-
-
-def _fsync_directory(directory: str) -> None:
-    """Make the rename durable (POSIX); best effort where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    atomic_save_file(tensors, path, metadata)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -156,7 +156,6 @@ def _register(layer) -> None:
     if not any(r() is layer for r in refs):
         refs.append(weakref.ref(layer))
     delta.__dict__[_LAYERS] = refs
-    layer.__dict__["_sparse_registered"] = delta
     _WEIGHT_OWNER[layer._parameters["weight"]] = weakref.ref(delta)
 
 
@@ -438,7 +437,8 @@ class _SparseDeltaMixin:
                     )
             if frozen and torch.unique(index).numel() != n:
                 raise ValueError(f"{label}: {what} lists an entry both as trainable and as frozen")
-        _checks.mark_index_checked(index[: n - frozen], numel)
+        if frozen == 0:
+            _checks.remember_index_checked(index, numel)  # validated just above
         return index
 
     def _check_state(self) -> None:
@@ -470,6 +470,13 @@ class _SparseDeltaMixin:
                 f"{self._label()}: the weight is {weight.dtype} but its pre-trained values are "
                 f"{base.dtype}: cast the module (module.to(dtype)), not weight.data"
             )
+
+    def __setstate__(self, state):
+        # deepcopy and unpickling: the new delta knows its layer before any forward (the fused
+        # optimizer needs it to write the merged weight).
+        super().__setstate__(state)
+        if isinstance(self._parameters.get("sparse_delta"), DeltaParameter):
+            _register(self)
 
     def __setattr__(self, name, value):
         if name == "weight" and "_sparse_weight" in self.__dict__ and not getattr(_LOCAL, "loading", False):
@@ -557,8 +564,8 @@ class _SparseDeltaMixin:
         self._check_state()
         if not _is_merged(delta):
             self.merge_()
-        if self.__dict__.get("_sparse_registered") is not delta:
-            _register(self)
+        if not any(ref() is self for ref in delta.__dict__.get(_LAYERS, ())):
+            _register(self)  # e.g. a deep copy or an unpickled model
 
     def unmerge_(self) -> None:
         """Restore the pre-trained values at every adapted entry (the deltas are kept); the next

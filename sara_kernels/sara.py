@@ -376,35 +376,58 @@ def _plan(model: nn.Module, config: SaRAConfig) -> tuple[list[list[_Target]], li
 # Selection by magnitude: exact k-th smallest |w| over many tensors by a two-pass radix select
 # ---------------------------------------------------------------------------------------------
 _EXPONENT_ALL_ONES = 0x7F800000  # +inf; larger patterns are NaN
+#: Small layers are processed concatenated, up to this many entries at a time (16 MiB of int32).
+_CHUNK_ENTRIES = 1 << 22
 
 
-def _magnitude_bits(t: torch.Tensor, exclude_zeros: bool) -> torch.Tensor:
-    """|t| as fp32 bit patterns (int32, monotone in the magnitude), NaN (and zeros) dropped."""
-    bits = t.detach().reshape(-1).abs().float().view(torch.int32) & 0x7FFFFFFF
-    keep = bits <= _EXPONENT_ALL_ONES
-    if exclude_zeros:
-        keep &= bits != 0
-    return bits[keep]
+def _chunks(weights: list[torch.Tensor], exclude_zeros: bool):
+    """Runs of consecutive weights as (bits, valid, [(layer, offset, numel)]): ``bits`` the int32
+    patterns of ``|w|`` as fp32 (monotone in the magnitude), ``valid`` False for NaN (and for exact
+    zeros when excluded). Small layers are concatenated up to :data:`_CHUNK_ENTRIES` entries (one
+    op per chunk instead of per layer); a large layer is a chunk of its own. One chunk at a time
+    is alive."""
+    group: list[tuple[int, torch.Tensor]] = []
+    size = 0
+
+    def make():
+        flat = torch.cat([w.detach().reshape(-1).float() for _, w in group])
+        bits = flat.abs_().view(torch.int32) & 0x7FFFFFFF
+        valid = bits <= _EXPONENT_ALL_ONES
+        if exclude_zeros:
+            valid &= bits != 0
+        spans, offset = [], 0
+        for i, w in group:
+            spans.append((i, offset, w.numel()))
+            offset += w.numel()
+        return bits, valid, spans
+
+    for i, w in enumerate(weights):
+        if group and (size + w.numel() > _CHUNK_ENTRIES or w.device != group[0][1].device):
+            yield make()
+            group, size = [], 0
+        group.append((i, w))
+        size += w.numel()
+    if group:
+        yield make()
 
 
-def _kth_smallest_bits(weights: list[torch.Tensor], k: int, exclude_zeros: bool) -> int:
-    """The bit pattern of the k-th smallest magnitude over ``weights`` (1-based ``k``): a histogram
-    of the high 16 bits, then one of the low 16 bits inside the bin that holds the k-th. Three
-    passes over the weights in all (the selection included), whatever their number."""
-    high = None
-    for w in weights:
-        h = torch.bincount(_magnitude_bits(w, exclude_zeros) >> 16, minlength=1 << 15)
-        high = h if high is None else high + h.to(high.device)
-    cum = high.cpu().cumsum(0)
+def _kth_smallest_bits(weights: list[torch.Tensor], k: int, exclude_zeros: bool) -> tuple[int, int]:
+    """(bit pattern of the k-th smallest magnitude over ``weights`` (1-based ``k``), how many
+    selectable entries lie strictly below it): a histogram of the high 16 bits, then one of the
+    low 16 bits inside the bin that holds the k-th: two passes, whatever the number of layers."""
+    high = torch.zeros(1 << 15, dtype=torch.int64)
+    for bits, valid, _ in _chunks(weights, exclude_zeros):
+        high += torch.bincount(bits[valid] >> 16, minlength=1 << 15).cpu()
+    cum = high.cumsum(0)
     digit = int(torch.searchsorted(cum, torch.tensor(k)))
     below = int(cum[digit - 1]) if digit > 0 else 0
-    low = None
-    for w in weights:
-        bits = _magnitude_bits(w, exclude_zeros)
-        h = torch.bincount(bits[(bits >> 16) == digit] & 0xFFFF, minlength=1 << 16)
-        low = h if low is None else low + h.to(low.device)
-    cum = low.cpu().cumsum(0)
-    return (digit << 16) | int(torch.searchsorted(cum, torch.tensor(k - below)))
+    low = torch.zeros(1 << 16, dtype=torch.int64)
+    for bits, valid, _ in _chunks(weights, exclude_zeros):
+        picked = bits[valid]
+        low += torch.bincount(picked[(picked >> 16) == digit] & 0xFFFF, minlength=1 << 16).cpu()
+    cum = low.cumsum(0)
+    rest = int(torch.searchsorted(cum, torch.tensor(k - below)))
+    return (digit << 16) | rest, below + (int(cum[rest - 1]) if rest > 0 else 0)
 
 
 def _bits_to_float(bits: int) -> float:
@@ -415,28 +438,23 @@ def _select_count(
     weights: list[torch.Tensor], k: int, exclude_zeros: bool
 ) -> tuple[list[torch.Tensor], float]:
     """Exactly k indices over all weights: every |w| below the k-th value, then ties in layer order
-    and index order. Returns the indices and the k-th magnitude. Temporary memory: one layer's
-    magnitudes at a time."""
-    kth = _kth_smallest_bits(weights, k, exclude_zeros)
-
-    def bits_and_valid(w):
-        bits = w.detach().reshape(-1).abs().float().view(torch.int32) & 0x7FFFFFFF
-        return bits, (bits != 0) if exclude_zeros else None
-
-    below, remaining = [], k
-    for w in weights:
-        bits, valid = bits_and_valid(w)
-        hit = bits < kth if valid is None else (bits < kth) & valid
-        below.append(torch.nonzero(hit).flatten())
-        remaining -= below[-1].numel()
-    chosen = []
-    for w, under in zip(weights, below, strict=True):
-        take = under[:0]
-        if remaining > 0:  # ties at the k-th value: in layer order, then index order
-            bits, _ = bits_and_valid(w)
-            take = torch.nonzero(bits == kth).flatten()[:remaining]  # kth > 0 when zeros are excluded
-            remaining -= take.numel()
-        chosen.append(torch.cat([under, take]).sort().values.to(reference.index_dtype_for(w.numel())))
+    and index order. Returns the indices and the k-th magnitude. Three passes over the weights;
+    temporary memory: one chunk."""
+    kth, below = _kth_smallest_bits(weights, k, exclude_zeros)
+    ties_left = k - below
+    chosen: list[torch.Tensor] = [None] * len(weights)  # type: ignore[list-item]
+    for bits, valid, spans in _chunks(weights, exclude_zeros):
+        hit = valid & (bits < kth)
+        if ties_left > 0:  # ties at the k-th value: in layer order, then index order
+            ties = torch.nonzero(valid & (bits == kth)).flatten()[:ties_left]
+            hit[ties] = True
+            ties_left -= ties.numel()
+        positions = torch.nonzero(hit).flatten()
+        starts = torch.tensor([offset for _, offset, _ in spans], device=positions.device)
+        owner = torch.searchsorted(starts, positions, right=True) - 1
+        counts = torch.bincount(owner, minlength=len(spans)).tolist()
+        for (i, offset, numel), part in zip(spans, torch.split(positions, counts), strict=True):
+            chosen[i] = (part - offset).to(reference.index_dtype_for(numel))
     return chosen, _bits_to_float(kth)
 
 

@@ -78,7 +78,18 @@ def report(model: nn.Module, trainable: list[str], losses: list[float], extra: d
     }
 
 
-def run_ddp(rank: int, world: int) -> dict:
+def train_with_reselection(model, optimizer, x, y, reselect: bool, backward=None) -> tuple[list[float], dict]:
+    """STEPS steps; with ``reselect``, re-selection (progressive parameter adjustment) then STEPS
+    more, on the same wrapped model and optimizer: nothing is rebuilt."""
+    losses = train(model, optimizer, x, y, backward=backward)
+    if not reselect:
+        return losses, {}
+    summary = sk.reselect_(getattr(model, "module", model), optimizer)
+    losses += train(model, optimizer, x, y, backward=backward)
+    return losses, {"kept": summary.kept, "frozen": summary.frozen}
+
+
+def run_ddp(rank: int, world: int, reselect: bool = False) -> dict:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -88,19 +99,19 @@ def run_ddp(rank: int, world: int) -> dict:
     trainable = [n for n, p in ddp.module.named_parameters() if p.requires_grad]
     optimizer = sk.SparseAdamW(sk.sparse_parameters(model), lr=LR)
     x, y = make_batch()
-    losses = train(ddp, optimizer, x.chunk(world)[rank], y.chunk(world)[rank])
+    losses, extra = train_with_reselection(ddp, optimizer, x.chunk(world)[rank], y.chunk(world)[rank], reselect)
     logging = ddp._get_ddp_logging_data() if hasattr(ddp, "_get_ddp_logging_data") else {}
-    extra = {
-        "world": world,
-        "reducer_bytes": logging.get("total_parameter_size_bytes"),
-        "reducer_tensors": logging.get("num_parameter_tensors"),
-    }
+    extra.update(
+        world=world,
+        reducer_bytes=logging.get("total_parameter_size_bytes"),
+        reducer_tensors=logging.get("num_parameter_tensors"),
+    )
     out = report(model, trainable, losses, extra)
     dist.destroy_process_group()
     return out
 
 
-def run_accelerate(rank: int, world: int) -> dict:
+def run_accelerate(rank: int, world: int, reselect: bool = False) -> dict:
     from accelerate import Accelerator
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -112,14 +123,16 @@ def run_accelerate(rank: int, world: int) -> dict:
     trainable = [n for n, p in inner.named_parameters() if p.requires_grad]
     x, y = make_batch()
     i, n = accelerator.process_index, accelerator.num_processes
-    losses = train(wrapped, optimizer, x.chunk(n)[i], y.chunk(n)[i], backward=accelerator.backward)
-    extra = {
-        "world": n,
-        "rank": i,
-        "distributed_type": str(accelerator.distributed_type),
-        "wrapped_in_ddp": isinstance(wrapped, DDP),
-        "same_module": inner is model,
-    }
+    losses, extra = train_with_reselection(
+        wrapped, optimizer, x.chunk(n)[i], y.chunk(n)[i], reselect, backward=accelerator.backward
+    )
+    extra.update(
+        world=n,
+        rank=i,
+        distributed_type=str(accelerator.distributed_type),
+        wrapped_in_ddp=isinstance(wrapped, DDP),
+        same_module=inner is model,
+    )
     out = report(model, trainable, losses, extra)
     accelerator.wait_for_everyone()
     return out
@@ -129,10 +142,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mode", choices=["ddp", "accelerate"], required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--reselect", action="store_true", help="re-select half-way, keep training")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    result = (run_ddp if args.mode == "ddp" else run_accelerate)(rank, world)
+    result = (run_ddp if args.mode == "ddp" else run_accelerate)(rank, world, args.reselect)
     torch.save(result, os.path.join(args.out, f"{args.mode}_rank{rank}.pt"))
 
 

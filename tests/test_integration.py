@@ -329,8 +329,12 @@ def _load_worker():
     return module
 
 
+@pytest.mark.parametrize("reselect", [False, True], ids=["plain", "reselect"])
 @pytest.mark.parametrize("mode", ["ddp", "accelerate"])
-def test_distributed_data_parallel(mode, tmp_path):
+def test_distributed_data_parallel(mode, reselect, tmp_path):
+    """Two ranks train one model; with ``reselect``, progressive re-selection half-way through,
+    without rebuilding the DDP wrapper or the optimizer: the ranks stay bit-identical and follow
+    the single-process run on the whole batch."""
     if mode == "accelerate":
         pytest.importorskip("accelerate")
     if not torch.distributed.is_available():
@@ -342,7 +346,7 @@ def test_distributed_data_parallel(mode, tmp_path):
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
         os.path.join(HERE, "ddp_worker.py"), "--mode", mode, "--out", str(tmp_path),
-    ]  # fmt: skip
+    ] + (["--reselect"] if reselect else [])  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     ranks = [torch.load(tmp_path / f"{mode}_rank{r}.pt") for r in range(2)]
@@ -351,7 +355,10 @@ def test_distributed_data_parallel(mode, tmp_path):
     reference = worker.build_model()
     opt = sk.SparseAdamW(sk.sparse_parameters(reference), lr=worker.LR)
     x, y = worker.make_batch()
-    worker.train(reference, opt, x, y)
+    _, summary = worker.train_with_reselection(reference, opt, x, y, reselect)
+    if reselect:  # both outcomes happen, and on every rank the same way
+        assert summary["kept"] > 0 and summary["frozen"] > 0
+        assert all(r["kept"] == summary["kept"] and r["frozen"] == summary["frozen"] for r in ranks)
 
     names = worker.delta_names(reference)
     assert len(names) == 3
@@ -363,7 +370,8 @@ def test_distributed_data_parallel(mode, tmp_path):
         for name, layer in sk.sparse_layers(reference):
             key = f"{name}.sparse_delta"
             assert torch.equal(result["deltas"][key], ranks[0]["deltas"][key]), (r, key)
-            assert layer.sparse_delta.abs().max() > 1e-2  # trained
+            assert torch.equal(result["weights"][name], ranks[0]["weights"][name]), (r, name)
+            assert layer.total_delta().abs().max() > 1e-2  # trained
             torch.testing.assert_close(
                 result["deltas"][key], layer.sparse_delta.detach(), rtol=1e-6, atol=1e-6
             )
@@ -463,8 +471,7 @@ def training_state(model, opt) -> dict:
     layers = [layer for _, layer in sk.sparse_layers(model)]
     buffers = []
     for layer in layers:
-        buffers += [layer.sparse_index, layer.sparse_base, layer.sparse_frozen_index,
-                    layer.sparse_frozen_base, layer.sparse_frozen_delta]  # fmt: skip
+        buffers += [layer.sparse_index, layer.sparse_base, layer.sparse_frozen_delta]
     state_tensors = [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
     scalars = [v for v in state_tensors if v.dim() == 0]
     return {
@@ -492,8 +499,7 @@ def test_training_memory_scales_with_k(unet_state, dtype, per_entry):
     }
     extra = [layer.sparse_delta for layer in layers]
     for layer in layers:
-        extra += [layer.sparse_index, layer.sparse_base, layer.sparse_frozen_index,
-                  layer.sparse_frozen_base, layer.sparse_frozen_delta]  # fmt: skip
+        extra += [layer.sparse_index, layer.sparse_base, layer.sparse_frozen_delta]
     assert _frozen_model_bytes(unet, exclude=extra) == frozen_before  # no weight copy anywhere
 
     latents, noise, cond, t = unet_batch(dtype=dtype)

@@ -498,7 +498,7 @@ def test_plain_torch_optimizers_auto_remerge(make_opt):
     net = sk.apply_sara(make_net(), sk.SaRAConfig(fraction=0.05))
     opt = make_opt(sk.sparse_parameters(net))
     x, y = batch()
-    for step in range(3):
+    for _ in range(3):
         opt.zero_grad()
         loss = loss_of(net, x, y)
         _assert_merged(net)  # after the forward: weight == base + delta at the index

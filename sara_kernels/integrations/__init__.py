@@ -1,0 +1,1 @@
+"""Integrations with training frameworks (imported on demand: ``sara_kernels.integrations.accelerate``)."""
