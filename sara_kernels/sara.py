@@ -678,9 +678,15 @@ def _unique_layers(model: nn.Module) -> list[tuple[str, _SparseDeltaMixin]]:
 
 def sparse_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The trainable deltas of ``model``'s sparse-delta layers, for the optimizer (each once)."""
-    params = [m.sparse_delta for _, m in _unique_layers(model) if m.sparse_delta.requires_grad]
-    if not params:
+    layers = _unique_layers(model)
+    if not layers:
         raise ValueError("sparse_parameters: the model has no sparse-delta layer (call apply_sara first)")
+    params = [m.sparse_delta for _, m in layers if m.sparse_delta.requires_grad]
+    if not params:
+        raise ValueError(
+            "sparse_parameters: every sparse delta has requires_grad=False (was requires_grad_(False) "
+            "called on the model after apply_sara?); set layer.sparse_delta.requires_grad_(True)"
+        )
     return params
 
 

@@ -755,3 +755,72 @@ def test_a_sara_model_pickles_and_deep_copies():
         train(other, opt, 1)
         assert_merged(other)
     assert not torch.equal(twin.fc1.sparse_delta, model.fc1.sparse_delta)  # independent copies
+
+
+# ---------------------------------------------------------------------------------------------
+# accelerate's save_state / load_state with the library's hooks
+# ---------------------------------------------------------------------------------------------
+def _tiny_unet():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    return diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8,
+    )  # fmt: skip
+
+
+def _unet_run(tmp_path, steps: int, save_at: int | None = None, resume: str | None = None):
+    accelerate = pytest.importorskip("accelerate")
+    from sara_kernels.integrations.accelerate import register_checkpoint_hooks
+
+    accelerator = accelerate.Accelerator(cpu=True)
+    unet = sk.apply_sara(_tiny_unet(), sk.SaRAConfig(fraction=0.05))
+    opt = sk.SparseAdamW(sk.sparse_parameters(unet), lr=1e-3)
+    ema = sk.SparseEMA(unet, decay=0.9)
+    progressive = sk.ProgressiveReselection(unet, opt, total_steps=steps, at=2)
+    register_checkpoint_hooks(accelerator, ema=ema)
+    unet, opt = accelerator.prepare(unet, opt)
+    accelerator.register_for_checkpointing(progressive)
+    start = 0
+    if resume is not None:
+        accelerator.load_state(resume)
+        start = progressive.steps
+    for step in range(start, steps):
+        g = torch.Generator().manual_seed(step)
+        x, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+        cond, t = torch.randn(2, 3, 16, generator=g), torch.randint(0, 1000, (2,), generator=g)
+        opt.zero_grad()
+        accelerator.backward(F.mse_loss(unet(x + noise, t, cond).sample, noise))
+        opt.step()
+        ema.step(unet.parameters())
+        progressive.step()
+        if save_at is not None and step + 1 == save_at:
+            accelerator.save_state(str(tmp_path / f"checkpoint-{save_at}"))
+    return accelerator.unwrap_model(unet), ema
+
+
+def test_accelerate_checkpoint_hooks_resume_bit_exact_across_reselection(tmp_path, caplog):
+    diffusers = pytest.importorskip("diffusers")
+    straight, straight_ema = _unet_run(tmp_path, steps=5, save_at=3)  # re-selection at step 2
+    checkpoint = tmp_path / "checkpoint-3"
+    assert (checkpoint / "unet" / "sara_training_state.safetensors").exists()
+    assert (checkpoint / "sara_ema.safetensors").exists()
+    assert not (checkpoint / "model.safetensors").exists()  # the frozen model is not written again
+    resumed, resumed_ema = _unet_run(tmp_path, steps=5, resume=str(checkpoint))
+    assert sum(layer.frozen_count for _, layer in sk.sparse_layers(resumed)) > 0
+    for (n, a), (_, b) in zip(sk.sparse_layers(straight), sk.sparse_layers(resumed), strict=True):
+        for name in ("weight", "sparse_index", "sparse_delta", "sparse_frozen_delta"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), (n, name)
+        assert torch.equal(straight_ema.shadow[n], resumed_ema.shadow[n]), n
+    # The checkpoint's plain copy opens in diffusers without sara_kernels' keys, merged.
+    with caplog.at_level("WARNING"):
+        plain = diffusers.UNet2DConditionModel.from_pretrained(checkpoint / "unet")
+    assert not [r for r in caplog.records if "unexpected" in r.getMessage().lower() or "not used" in r.getMessage()]
+    assert not any("sparse" in key for key in plain.state_dict())
+    fresh = sk.apply_sara(_tiny_unet(), sk.SaRAConfig(fraction=0.05))
+    sk.load_training_state(fresh, checkpoint / "unet" / "sara_training_state.safetensors")
+    merged = sk.merge_and_unload(fresh).state_dict()
+    assert merged.keys() == plain.state_dict().keys()
+    for key, value in plain.state_dict().items():
+        assert torch.equal(value, merged[key]), key
