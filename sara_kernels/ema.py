@@ -220,17 +220,25 @@ class SparseEMA:
                     fresh[valid] = stored[source[valid]]
                     self._stored["layers"][name] = fresh
 
-    def to(self, device=None, dtype=None) -> SparseEMA:
+    def to(self, device=None, dtype=None, non_blocking: bool = False) -> SparseEMA:
         """Move the averages (deltas stay fp32; other trainable parameters' averages take ``dtype``
-        when given and floating)."""
-        self.shadow = {name: s.to(device=device) for name, s in self.shadow.items()}
-        self.shadow_params = {
-            name: s.to(device=device, dtype=dtype)
-            if dtype is not None and s.is_floating_point()
-            else s.to(device)
-            for name, s in self.shadow_params.items()
-        }
+        when given and floating). ``non_blocking`` as in ``Tensor.to`` (with ``pin_memory``, for
+        ``--offload_ema`` in diffusers' scripts)."""
+
+        def move(s: torch.Tensor, cast: bool) -> torch.Tensor:
+            if cast and dtype is not None and s.is_floating_point():
+                return s.to(device=device, dtype=dtype, non_blocking=non_blocking)
+            return s.to(device=device, non_blocking=non_blocking)
+
+        self.shadow = {name: move(s, False) for name, s in self.shadow.items()}
+        self.shadow_params = {name: move(s, True) for name, s in self.shadow_params.items()}
         return self
+
+    def pin_memory(self) -> None:
+        """Pin the averages in host memory (diffusers' ``EMAModel.pin_memory``; needs a CUDA build
+        and device), so that ``to(device, non_blocking=True)`` overlaps with compute."""
+        self.shadow = {name: s.pin_memory() for name, s in self.shadow.items()}
+        self.shadow_params = {name: s.pin_memory() for name, s in self.shadow_params.items()}
 
     # -- persistence ----------------------------------------------------------------------------
     def _config(self) -> dict:

@@ -159,6 +159,11 @@ def test_sparse_ema_validation_uses_the_ema_weights_and_restores_bit_for_bit():
     train(model, opt, 1, ema=ema)  # training continues from the restored state
     with pytest.raises(RuntimeError, match="nothing stored"):
         ema.restore()
+    # diffusers' --offload_ema calls: to(device, non_blocking=True) (and pin_memory on CUDA)
+    assert ema.to(device="cpu", non_blocking=True) is ema
+    if torch.cuda.is_available():
+        ema.pin_memory()
+        assert all(s.is_pinned() for s in ema.shadow.values())
 
 
 def test_sparse_ema_follows_reselection_and_round_trips(tmp_path):
