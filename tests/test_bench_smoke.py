@@ -130,3 +130,18 @@ def test_adamw_profile_driver_runs_on_cpu(tmp_path):
         "native sparse_adamw_multi_, 5 sets",
     }
     assert all(row["ms"] > 0 and row["k"] > 0 for row in rows.values())
+
+
+def test_trainer_overhead_benchmark_quick_runs():
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_trainer_overhead.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {row["rule"] for row in report["apply_sara"]} == {"threshold", "global fraction", "per-layer fraction"}
+    assert all(row["seconds"] > 0 for row in report["apply_sara"])
+    assert set(report["host_us"]) >= {"forward check (merged layer), per layer"}
