@@ -1,15 +1,20 @@
 """Input checks shared by every backend: each error names the op and the argument.
 
-The cheap checks (dtype, device, rank, shape) always run. The data-dependent index checks
-(range, strictly increasing order) cost one pass over ``index`` and, on CUDA, one device-to-host
-sync; :func:`set_index_checks` turns them off for callers that validated their index once (the
-modules do). The native kernels still never write out of bounds: they check ranges themselves.
+The cheap checks (dtype, device, rank, shape, memory overlap of the tensors an op writes) always
+run. The data-dependent index checks (range, strictly increasing order) cost one pass over
+``index`` and, on CUDA, one device-to-host sync; :func:`index_checks` turns them off **for the
+calling thread** (other threads keep theirs), for callers that validated their index once (the
+layers validate an index when it is set through their methods). Whatever the setting, no kernel
+ever writes outside its tensor: the native and Triton kernels bounds-check every index they write
+through, and the reference backend checks the range before it writes anything.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import threading
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -18,22 +23,27 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
-_index_checks = os.environ.get("SARA_KERNELS_CHECK_INDEX", "1") not in ("0", "false", "off")
+#: The setting of threads that never called set_index_checks (``SARA_KERNELS_CHECK_INDEX=0``: off).
+_DEFAULT_INDEX_CHECKS = os.environ.get("SARA_KERNELS_CHECK_INDEX", "1") not in ("0", "false", "off")
+_local = threading.local()
 
 
 def index_checks_enabled() -> bool:
-    return _index_checks
+    """Whether the data-dependent index checks run in the calling thread."""
+    return getattr(_local, "index_checks", _DEFAULT_INDEX_CHECKS)
 
 
 def set_index_checks(enabled: bool) -> bool:
-    """Enable or disable the data-dependent index checks; returns the previous setting."""
-    global _index_checks
-    previous, _index_checks = _index_checks, bool(enabled)
+    """Enable or disable the data-dependent index checks in the calling thread; returns the
+    previous setting. Prefer the context manager :func:`index_checks`."""
+    previous = index_checks_enabled()
+    _local.index_checks = bool(enabled)
     return previous
 
 
 @contextlib.contextmanager
 def index_checks(enabled: bool) -> Iterator[None]:
+    """``with sara_kernels.index_checks(False):`` skips the index checks in this thread only."""
     previous = set_index_checks(enabled)
     try:
         yield
@@ -74,7 +84,7 @@ def check_index(op: str, index: torch.Tensor, numel: int, *, name: str = "index"
             f"sara_kernels.{op}: {name} is int32 but the weight has {numel} entries (>= 2**31); "
             "use int64 indices"
         )
-    if not _index_checks or index.numel() == 0 or _is_fake(index):
+    if not index_checks_enabled() or index.numel() == 0 or _is_fake(index):
         return
     if torch.compiler.is_compiling():
         return
@@ -107,6 +117,65 @@ def mark_index_checked(index: torch.Tensor, numel: int) -> None:
     with index_checks(True):
         check_index("mark_index_checked", index, numel)
     index._sara_kernels_checked = (numel, index._version)
+
+
+def check_finite(op: str, **values: float) -> None:
+    """Every scalar hyperparameter is a finite number (NaN passes every ``<`` check)."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"sara_kernels.{op}: {name} must be a number, got {type(value).__name__}")
+        if not math.isfinite(value):
+            raise ValueError(f"sara_kernels.{op}: {name} must be finite, got {value}")
+
+
+def _span(t: torch.Tensor) -> tuple[int, int, int] | None:
+    """(storage address, first byte, one past the last byte) that ``t`` can touch."""
+    if t.numel() == 0:
+        return None
+    extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=True))
+    start = t.storage_offset() * t.element_size()
+    return t.untyped_storage().data_ptr(), start, start + (extent + 1) * t.element_size()
+
+
+def check_no_overlap(op: str, written: dict[str, torch.Tensor], read: dict[str, torch.Tensor]) -> None:
+    """No tensor an op writes shares memory with another of its arguments (another written one, or
+    one it reads): the result would depend on the backend's order of reads and writes. A sweep
+    over the byte ranges, sorted: O(n log n) in the number of tensors. The error names the first
+    clash in argument order (``written`` first, then ``read``)."""
+    intervals = []
+    order = 0
+    for is_written, tensors in ((True, written), (False, read)):
+        for name, t in tensors.items():
+            order += 1
+            if isinstance(t, torch.Tensor) and not _is_fake(t):
+                span = _span(t)
+                if span is not None:
+                    intervals.append((span[0], span[1], order, span[2], is_written, name))
+    intervals.sort()
+    clashes = []
+    storage = None
+    any_end = written_end = -1
+    any_at = written_at = (0, "")
+    for ptr, start, position, end, is_written, name in intervals:
+        if ptr != storage:
+            storage, any_end, written_end = ptr, -1, -1
+        if start < written_end:
+            clashes.append(
+                (min(written_at[0], position), max(written_at[0], position), written_at, (position, name))
+            )
+        elif is_written and start < any_end:
+            clashes.append((min(any_at[0], position), max(any_at[0], position), any_at, (position, name)))
+        if end > any_end:
+            any_end, any_at = end, (position, name)
+        if is_written and end > written_end:
+            written_end, written_at = end, (position, name)
+    if clashes:
+        _, _, a, b = min(clashes)
+        first, second = sorted((a, b))
+        raise ValueError(
+            f"sara_kernels.{op}: {second[1]} and {first[1]} share memory; a tensor the op writes must not "
+            "overlap any other argument (pass separate tensors, e.g. .clone())"
+        )
 
 
 def remember_index_checked(index: torch.Tensor, numel: int) -> None:

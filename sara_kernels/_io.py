@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import uuid
 
 import torch
@@ -18,13 +19,59 @@ def safetensors_module():
     return safetensors
 
 
+def _temporary_name(path: str) -> str:
+    """``.<name>.<pid>@<host>.<random>.tmp`` next to ``path``: the owner can be told dead later."""
+    directory, name = os.path.split(os.path.abspath(path))
+    return os.path.join(
+        directory, f".{name}.{os.getpid()}@{socket.gethostname()}.{uuid.uuid4().hex[:12]}.tmp"
+    )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # another user's process, or no way to tell: keep its file
+    return True
+
+
+def remove_stale_temporaries(path: str) -> list[str]:
+    """Remove the temporary files that interrupted saves of ``path`` left (the writing process was
+    killed, e.g. ``kill -9``, before it could clean up): those of this host whose process is gone.
+    Returns the removed paths. Best effort: a directory that cannot be listed is left alone."""
+    directory, name = os.path.split(os.path.abspath(path))
+    prefix, removed = f".{name}.", []
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return removed
+    host = socket.gethostname()
+    for entry in entries:
+        if not (entry.startswith(prefix) and entry.endswith(".tmp")):
+            continue
+        owner = entry[len(prefix) : -len(".tmp")].rsplit(".", 1)[0]  # "<pid>@<host>" (or "<pid>")
+        pid_text, _, owner_host = owner.partition("@")
+        if not pid_text.isdigit() or (owner_host and owner_host != host) or _pid_alive(int(pid_text)):
+            continue
+        try:
+            os.unlink(os.path.join(directory, entry))
+            removed.append(os.path.join(directory, entry))
+        except OSError:
+            pass
+    return removed
+
+
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
     """Write a safetensors file atomically: to a temporary file in the same directory, flushed to
     disk (fsync) and renamed over ``path`` (``os.replace``), so ``path`` holds either the old file
-    or the complete new one, never a partial file; on failure the temporary file is removed."""
+    or the complete new one, never a partial file; on failure the temporary file is removed, and
+    the temporary files of earlier saves whose process was killed are removed first."""
     safetensors = safetensors_module()
     directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
+    remove_stale_temporaries(path)
+    tmp = _temporary_name(path)
     # Created with O_EXCL and mode 0o666 so the final file gets the usual umask permissions.
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:

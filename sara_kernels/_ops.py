@@ -173,6 +173,7 @@ _lib.impl("sampled_weight_grad_linear", reference.sampled_weight_grad_linear, "C
 
 @torch.library.register_fake(_qualname("sampled_weight_grad_linear"), lib=_lib)
 def _(grad_out, x, index, out_features, in_features):
+    _checks.check_same_device("sampled_weight_grad_linear", grad_out=grad_out, x=x, index=index)
     torch._check(grad_out.shape[-1] == out_features)
     torch._check(x.shape[-1] == in_features)
     return x.new_empty(index.shape, dtype=reference.accumulate_dtype(grad_out, x))
@@ -227,6 +228,7 @@ _lib.impl("sampled_weight_grad_conv2d", reference.sampled_weight_grad_conv2d, "C
 
 @torch.library.register_fake(_qualname("sampled_weight_grad_conv2d"), lib=_lib)
 def _(grad_out, x, index, weight_shape, stride, padding, dilation, groups):
+    _checks.check_same_device("sampled_weight_grad_conv2d", grad_out=grad_out, x=x, index=index)
     return x.new_empty(index.shape, dtype=reference.accumulate_dtype(grad_out, x))
 
 
@@ -261,13 +263,22 @@ _ADAMW_NAMES = ("weight", "index", "base", "delta", "grad", "exp_avg", "exp_avg_
 _ADAMW_LIST_NAMES = ("weights", "indices", "bases", "deltas", "grads", "exp_avgs", "exp_avg_sqs")
 
 
-def _check_adamw_hyper(op, lr, beta1, beta2, eps, weight_decay):
+def check_adamw_hyper(op, lr, beta1, beta2, eps, weight_decay):
+    """AdamW's hyperparameters: finite (NaN passes every comparison), betas in [0, 1), lr, eps and
+    weight_decay non-negative. Shared by the ops and :class:`~sara_kernels.SparseAdamW`."""
+    _checks.check_finite(op, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
         raise ValueError(f"sara_kernels.{op}: betas must lie in [0, 1), got ({beta1}, {beta2})")
     if lr < 0 or eps < 0 or weight_decay < 0:
         raise ValueError(
             f"sara_kernels.{op}: lr={lr}, eps={eps} and weight_decay={weight_decay} must be non-negative"
         )
+
+
+def _check_step(op, name, step):
+    _checks.check_finite(op, **{name: step})
+    if step < 1:
+        raise ValueError(f"sara_kernels.{op}: {name} must be >= 1 (AdamW counts from 1), got {step}")
 
 
 def _check_adamw_set(op, tensors, names=_ADAMW_NAMES):
@@ -284,6 +295,18 @@ def _check_adamw_set(op, tensors, names=_ADAMW_NAMES):
         )
     _checks.check_same_device(op, **dict(zip(names, tensors, strict=True)))
     _checks.check_index(op, index, weight.numel(), name=names[1])
+
+
+def _adamw_written_and_read(sets, names_of):
+    """The tensors an AdamW step writes (weight, delta, moments) and reads (index, base, grad)."""
+    written, read = {}, {}
+    for i, tensors in enumerate(sets):
+        names = names_of(i)
+        for j in (0, 3, 5, 6):
+            written[names[j]] = tensors[j]
+        for j in (1, 2, 4):
+            read[names[j]] = tensors[j]
+    return written, read
 
 
 def _sparse_adamw_(
@@ -304,10 +327,11 @@ def _sparse_adamw_(
     maximize=False,
 ):
     op = "sparse_adamw_"
-    _check_adamw_set(op, (weight, index, base, delta, grad, exp_avg, exp_avg_sq))
-    if step < 1:
-        raise ValueError(f"sara_kernels.{op}: step must be >= 1 (AdamW counts from 1), got {step}")
-    _check_adamw_hyper(op, lr, beta1, beta2, eps, weight_decay)
+    tensors = (weight, index, base, delta, grad, exp_avg, exp_avg_sq)
+    _check_adamw_set(op, tensors)
+    _checks.check_no_overlap(op, *_adamw_written_and_read([tensors], lambda i: _ADAMW_NAMES))
+    _check_step(op, "step", step)
+    check_adamw_hyper(op, lr, beta1, beta2, eps, weight_decay)
     run_sparse_adamw_(
         weight,
         index,
@@ -388,6 +412,9 @@ def _(
     weight_decay,
     maximize=False,
 ):
+    names = ("weight", "index", "base", "delta", "grad", "exp_avg", "exp_avg_sq")
+    tensors = (weight, index, base, delta, grad, exp_avg, exp_avg_sq)
+    _checks.check_same_device("sparse_adamw_", **dict(zip(names, tensors, strict=True)))
     return None
 
 
@@ -417,7 +444,7 @@ def _sparse_adamw_multi_(
                 f"sara_kernels.{op}: {name} has {len(values)} entries but weights has {n}; "
                 "every list needs one entry per weight"
             )
-    _check_adamw_hyper(op, lr, beta1, beta2, eps, weight_decay)
+    check_adamw_hyper(op, lr, beta1, beta2, eps, weight_decay)
     if n == 0:
         return
     for i, tensors in enumerate(zip(*lists[:7], strict=True)):
@@ -428,11 +455,10 @@ def _sparse_adamw_multi_(
                 f"sara_kernels.{op}: weights[{i}] is on {tensors[0].device} but weights[0] is on "
                 f"{weights[0].device}; all tensors must be on one device"
             )
-        if steps[i] < 1:
-            raise ValueError(
-                f"sara_kernels.{op}: steps[{i}] must be >= 1 (AdamW counts from 1), got {steps[i]}"
-            )
-    _check_no_aliasing(op, weights, deltas, exp_avgs, exp_avg_sqs)
+        _check_step(op, f"steps[{i}]", steps[i])
+    sets = list(zip(*lists[:7], strict=True))
+    names_of = lambda i: tuple(f"{name}[{i}]" for name in _ADAMW_LIST_NAMES)  # noqa: E731
+    _checks.check_no_overlap(op, *_adamw_written_and_read(sets, names_of))
     run_sparse_adamw_multi_(
         weights,
         indices,
@@ -449,28 +475,6 @@ def _sparse_adamw_multi_(
         weight_decay=weight_decay,
         maximize=maximize,
     )
-
-
-def _check_no_aliasing(op, weights, deltas, exp_avgs, exp_avg_sqs):
-    """The sets may run concurrently: no tensor the step writes may appear twice (a weight listed
-    twice needs its indices merged into one set)."""
-    seen = {}
-    for name, values in (
-        ("weights", weights),
-        ("deltas", deltas),
-        ("exp_avgs", exp_avgs),
-        ("exp_avg_sqs", exp_avg_sqs),
-    ):
-        for i, t in enumerate(values):
-            if t.numel() == 0 or _checks._is_fake(t):
-                continue
-            key = (t.device, t.data_ptr())
-            if key in seen:
-                raise ValueError(
-                    f"sara_kernels.{op}: {name}[{i}] and {seen[key]} share memory; every tensor "
-                    "that the step writes must appear once"
-                )
-            seen[key] = f"{name}[{i}]"
 
 
 def run_sparse_adamw_multi_(
@@ -539,6 +543,15 @@ def _(
     weight_decay,
     maximize=False,
 ):
+    lists = (weights, indices, bases, deltas, grads, exp_avgs, exp_avg_sqs)
+    _checks.check_same_device(
+        "sparse_adamw_multi_",
+        **{
+            f"{name}[{i}]": t
+            for name, values in zip(_ADAMW_LIST_NAMES, lists, strict=True)
+            for i, t in enumerate(values)
+        },
+    )
     return None
 
 
@@ -547,6 +560,8 @@ def _scatter_merge_(weight, index, base, delta, alpha=1.0):
     _check_weight_side(op, weight, index, base)
     _check_compact(op, "delta", delta, index, (torch.float32, torch.float64))
     _checks.check_same_device(op, weight=weight, index=index, base=base, delta=delta)
+    _checks.check_no_overlap(op, {"weight": weight}, {"index": index, "base": base, "delta": delta})
+    _checks.check_finite(op, alpha=float(alpha))
     _checks.check_index(op, index, weight.numel())
     backend = _backend.select_backend(op, weight.device)
     last_backend[op] = backend
@@ -564,6 +579,7 @@ _lib.impl("scatter_merge_", reference.scatter_merge_, "CompositeExplicitAutograd
 
 @torch.library.register_fake(_qualname("scatter_merge_"), lib=_lib)
 def _(weight, index, base, delta, alpha=1.0):
+    _checks.check_same_device("scatter_merge_", weight=weight, index=index, base=base, delta=delta)
     return None
 
 
@@ -571,6 +587,7 @@ def _restore_(weight, index, base):
     op = "restore_"
     _check_weight_side(op, weight, index, base)
     _checks.check_same_device(op, weight=weight, index=index, base=base)
+    _checks.check_no_overlap(op, {"weight": weight}, {"index": index, "base": base})
     _checks.check_index(op, index, weight.numel())
     backend = _backend.select_backend(op, weight.device)
     last_backend[op] = backend
@@ -588,6 +605,7 @@ _lib.impl("restore_", reference.restore_, "CompositeExplicitAutograd")
 
 @torch.library.register_fake(_qualname("restore_"), lib=_lib)
 def _(weight, index, base):
+    _checks.check_same_device("restore_", weight=weight, index=index, base=base)
     return None
 
 
@@ -628,6 +646,7 @@ _lib.impl("sparse_linear", _sparse_linear, "CompositeExplicitAutograd")
 
 @torch.library.register_fake(_qualname("sparse_linear"), lib=_lib)
 def _(x, weight, bias, index, delta):
+    _checks.check_same_device("sparse_linear", x=x, weight=weight, bias=bias, index=index, delta=delta)
     torch._check(x.shape[-1] == weight.shape[1])
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
@@ -689,6 +708,7 @@ _lib.impl("sparse_conv2d", _sparse_conv2d, "CompositeExplicitAutograd")
 
 @torch.library.register_fake(_qualname("sparse_conv2d"), lib=_lib)
 def _(x, weight, bias, index, delta, stride, padding, dilation, groups):
+    _checks.check_same_device("sparse_conv2d", x=x, weight=weight, bias=bias, index=index, delta=delta)
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 

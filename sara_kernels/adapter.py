@@ -261,8 +261,22 @@ def _tensor_digest(*tensors: torch.Tensor | None) -> str:
     return h.hexdigest()
 
 
+#: Longest module name (or path) echoed whole in an error message.
+_NAME_SHOWN = 200
+
+
+def _shorten(text: str) -> str:
+    if len(text) <= _NAME_SHOWN:
+        return text
+    return f"{text[: _NAME_SHOWN // 2]}...{text[-_NAME_SHOWN // 4 :]} ({len(text)} characters)"
+
+
 def _layer_label(name: str) -> str:
-    return repr(name) if name else "'' (the model itself)"
+    return repr(_shorten(name)) if name else "'' (the model itself)"
+
+
+#: Largest metadata string read (a JSON layer record is a few hundred bytes).
+_METADATA_LIMIT = 1 << 24
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,22 +385,30 @@ class _Record:
 
 
 def _corrupt(path: str, why: str) -> AdapterError:
-    return AdapterError(f"{path!r}: not a sara_kernels adapter or corrupted: {why}")
+    return AdapterError(f"{_shorten(path)!r}: not a sara_kernels adapter or corrupted: {why}")
 
 
-def _read_records(path: str | os.PathLike) -> tuple[list[_Record], dict[str, torch.Tensor], dict[str, str]]:
+def _read_records(
+    path: str | os.PathLike, allow_nonfinite: bool = False
+) -> tuple[list[_Record], dict[str, torch.Tensor], dict[str, str]]:
     safetensors = _safetensors()
     path = os.fspath(path)
+    shown = _shorten(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"adapter file {path!r} does not exist")
+        raise FileNotFoundError(f"adapter file {shown!r} does not exist")
     if os.path.isdir(path):
-        raise AdapterError(f"{path!r} is a directory, not an adapter file")
+        raise AdapterError(f"{shown!r} is a directory, not an adapter file")
+    if not os.path.isfile(path):  # a FIFO or a device would block or stream forever
+        raise AdapterError(f"{shown!r} is not a regular file (a FIFO, socket or device?)")
     try:
         with safetensors.safe_open(path, framework="pt") as f:
             metadata = dict(f.metadata() or {})
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except Exception as exc:  # SafetensorError and friends: truncated, garbage, not safetensors
-        raise _corrupt(path, f"{type(exc).__name__}: {exc}") from exc
+        raise _corrupt(path, f"{type(exc).__name__}: {_shorten(str(exc))}") from exc
+    for key, value in metadata.items():
+        if len(value) > _METADATA_LIMIT:
+            raise _corrupt(path, f"metadata entry {_shorten(key)!r} holds {len(value)} characters")
 
     fmt = metadata.get("format")
     if fmt is None:
@@ -410,8 +432,12 @@ def _read_records(path: str | os.PathLike) -> tuple[list[_Record], dict[str, tor
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise ValueError("'layers' is not a list of names")
         raw = {name: json.loads(metadata[f"layer/{name}"]) for name in names}
+        if not all(isinstance(record, dict) for record in raw.values()):
+            raise ValueError("a layer record is not a JSON object")
+    except RecursionError:  # nesting deeper than the interpreter's recursion limit
+        raise _corrupt(path, "layer metadata nested too deeply") from None
     except (KeyError, ValueError) as exc:
-        raise _corrupt(path, f"bad layer metadata ({type(exc).__name__}: {exc})") from exc
+        raise _corrupt(path, f"bad layer metadata ({type(exc).__name__}: {_shorten(str(exc))})") from exc
 
     records = []
     expected_keys = set()
@@ -431,7 +457,7 @@ def _read_records(path: str | os.PathLike) -> tuple[list[_Record], dict[str, tor
         keys = [prefix + "index", prefix + "delta"] + ([prefix + "base"] if has_base else [])
         for key in keys:
             if key not in tensors:
-                raise _corrupt(path, f"layer {label}: tensor {key!r} is missing")
+                raise _corrupt(path, f"layer {label}: tensor {_shorten(key)!r} is missing")
         expected_keys.update(keys)
         index, delta = tensors[prefix + "index"], tensors[prefix + "delta"]
         base = tensors[prefix + "base"] if has_base else None
@@ -446,6 +472,12 @@ def _read_records(path: str | os.PathLike) -> tuple[list[_Record], dict[str, tor
             raise AdapterError(f"{path!r}: layer {label}: index must be 1-D, got shape {tuple(index.shape)}")
         if delta.dtype != torch.float32:
             raise AdapterError(f"{path!r}: layer {label}: delta has dtype {delta.dtype}; expected float32")
+        if not allow_nonfinite and delta.dim() == 1 and not bool(torch.isfinite(delta).all()):
+            bad = int((~torch.isfinite(delta)).sum())
+            raise AdapterError(
+                f"{_shorten(path)!r}: layer {label}: {bad} of the {delta.numel()} deltas are NaN or infinite "
+                "(a diverged run?); pass allow_nonfinite=True to read it anyway"
+            )
         if delta.dim() != 1 or delta.numel() != index.numel():
             raise AdapterError(
                 f"{path!r}: layer {label}: delta has shape {tuple(delta.shape)} but index has "
@@ -470,15 +502,18 @@ def _read_records(path: str | os.PathLike) -> tuple[list[_Record], dict[str, tor
         records.append(_Record(name, kind, shape, dtype, fingerprint, index, delta, base))
     extra = sorted(set(tensors) - expected_keys)
     if extra:
-        raise _corrupt(path, f"tensors not described by the metadata: {extra[:5]}")
+        raise _corrupt(path, f"tensors not described by the metadata: {[_shorten(e) for e in extra[:5]]}")
     return records, tensors, metadata
 
 
-def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_adapter(
+    path: str | os.PathLike, *, allow_nonfinite: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read and validate an adapter file, without a model.
 
     Args:
         path: the file written by :func:`save_adapter`.
+        allow_nonfinite: accept NaN or infinite deltas (refused by default).
 
     Returns:
         ``(tensors, metadata)``: the tensors by key (``<name>.index``, ``<name>.delta``,
@@ -491,7 +526,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
             an unsupported format version, or invalid tensors (index dtype/order/range, delta dtype
             or length).
     """
-    _, tensors, metadata = _read_records(path)
+    _, tensors, metadata = _read_records(path, allow_nonfinite)
     return tensors, metadata
 
 
@@ -547,6 +582,7 @@ def load_adapter(
     strict: bool = True,
     *,
     combine: bool = False,
+    allow_nonfinite: bool = False,
 ) -> dict[str, Any]:
     """Load an adapter into ``model``: the adapted weights become ``P + alpha * ΔP``.
 
@@ -576,6 +612,7 @@ def load_adapter(
             if False, they are reported with :class:`AdapterWarning` (missing layers are skipped,
             mismatching layers loaded anyway). A kind or shape mismatch is always an error.
         combine: add to an adapter already loaded instead of raising.
+        allow_nonfinite: load NaN or infinite deltas (refused by default: they poison every forward).
 
     Returns:
         A summary: ``layers`` (names loaded), ``entries`` (adapted entries loaded), ``converted``
@@ -590,7 +627,7 @@ def load_adapter(
     alpha = float(alpha)
     if not math.isfinite(alpha):
         raise ValueError(f"load_adapter: alpha must be finite, got {alpha}")
-    records, _, _ = _read_records(path)
+    records, _, _ = _read_records(path, allow_nonfinite)
     path = os.fspath(path)
 
     plan: list[tuple[_Record, nn.Module]] = []

@@ -59,12 +59,9 @@ class SparseAdamW(torch.optim.Optimizer):
         maximize: bool = False,
         foreach: bool | None = None,
     ):
-        if not (isinstance(lr, (int, float)) and lr >= 0):
-            raise ValueError(f"SparseAdamW: lr must be a non-negative number, got {lr!r}")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"SparseAdamW: betas must lie in [0, 1), got {betas}")
-        if eps < 0 or weight_decay < 0:
-            raise ValueError(f"SparseAdamW: eps={eps} and weight_decay={weight_decay} must be non-negative")
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise ValueError(f"SparseAdamW: betas must be a pair of numbers, got {betas!r}")
+        _ops.check_adamw_hyper("SparseAdamW", lr, betas[0], betas[1], eps, weight_decay)
         if foreach not in (None, True, False):
             raise ValueError(f"SparseAdamW: foreach must be None, True or False, got {foreach!r}")
         defaults = dict(
@@ -93,8 +90,18 @@ class SparseAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for i, group in enumerate(self.param_groups):
             beta1, beta2 = group["betas"]
+            # Read from the group on every step (a scheduler or the user may have changed them):
+            # a NaN or out-of-range value is an error naming the group, never a NaN weight.
+            _ops.check_adamw_hyper(
+                f"SparseAdamW (param_groups[{i}])",
+                group["lr"],
+                beta1,
+                beta2,
+                group["eps"],
+                group["weight_decay"],
+            )
             hyper = dict(
                 lr=float(group["lr"]),
                 beta1=float(beta1),

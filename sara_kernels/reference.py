@@ -22,6 +22,25 @@ def index_dtype_for(numel: int) -> torch.dtype:
     return torch.int64 if numel >= 2**31 else torch.int32
 
 
+def check_range(op: str, index: torch.Tensor, numel: int, name: str = "index") -> None:
+    """Every entry in [0, numel), checked before anything is read or written, whatever the index
+    check setting says: torch indexing would wrap a negative index to the end, and write part of
+    the result before raising on one out of range."""
+    if (
+        index.numel() == 0
+        or index.device.type == "meta"
+        or isinstance(index, torch._subclasses.fake_tensor.FakeTensor)
+    ):
+        return
+    lo, hi = torch.aminmax(index)
+    lo, hi = int(lo), int(hi)
+    if lo < 0 or hi >= numel:
+        raise IndexError(
+            f"sara_kernels.{op}: {name} holds values in [{lo}, {hi}] but must lie in [0, {numel}) "
+            f"(the weight has {numel} entries)"
+        )
+
+
 def select_small_magnitude(
     weight: torch.Tensor, threshold: float | None = None, k: int | None = None
 ) -> torch.Tensor:
@@ -41,6 +60,7 @@ def sampled_weight_grad_linear(
     grad_out: torch.Tensor, x: torch.Tensor, index: torch.Tensor, out_features: int, in_features: int
 ) -> torch.Tensor:
     """grad_out: [..., out], x: [..., in], index: [k] -> [k]: (grad_out^T x).view(-1)[index]."""
+    check_range("sampled_weight_grad_linear", index, out_features * in_features)
     acc = accumulate_dtype(grad_out, x)
     g = grad_out.reshape(-1, out_features).to(acc)
     xx = x.reshape(-1, in_features).to(acc)
@@ -59,6 +79,7 @@ def sampled_weight_grad_conv2d(
     groups: int,
 ) -> torch.Tensor:
     """grad_out: [N, O, P, Q], x: [N, C, H, W] -> [k]: conv2d weight gradient at index."""
+    check_range("sampled_weight_grad_conv2d", index, math.prod(int(s) for s in weight_shape))
     acc = accumulate_dtype(grad_out, x)
     dense = torch.nn.grad.conv2d_weight(
         x.to(acc), list(weight_shape), grad_out.to(acc), stride, padding, dilation, groups
@@ -92,6 +113,7 @@ def sparse_adamw_(
     maximize: bool = False,
 ) -> None:
     """One AdamW step on the compact vectors, with torch.optim.AdamW's arithmetic, then write back."""
+    check_range("sparse_adamw_", index, weight.numel())
     adamw_update_(
         delta,
         grad,
@@ -125,7 +147,10 @@ def sparse_adamw_multi_(
     weight_decay: float,
     maximize: bool = False,
 ) -> None:
-    """:func:`sparse_adamw_` on each tensor set in turn, set ``i`` at step ``steps[i]``."""
+    """:func:`sparse_adamw_` on each tensor set in turn, set ``i`` at step ``steps[i]`` (every
+    set's index range is checked before any set is written)."""
+    for i, (weight, index) in enumerate(zip(weights, indices, strict=True)):
+        check_range("sparse_adamw_multi_", index, weight.numel(), name=f"indices[{i}]")
     for weight, index, base, delta, grad, exp_avg, exp_avg_sq, step in zip(
         weights, indices, bases, deltas, grads, exp_avgs, exp_avg_sqs, steps, strict=True
     ):
@@ -177,9 +202,11 @@ def scatter_merge_(
     weight: torch.Tensor, index: torch.Tensor, base: torch.Tensor, delta: torch.Tensor, alpha: float = 1.0
 ) -> None:
     """weight.view(-1)[index] = base + alpha * delta (computed in fp32, or fp64 for fp64 inputs)."""
+    check_range("scatter_merge_", index, weight.numel())
     weight.view(-1)[index.long()] = _merged_values(base, delta, weight.dtype, alpha)
 
 
 def restore_(weight: torch.Tensor, index: torch.Tensor, base: torch.Tensor) -> None:
     """weight.view(-1)[index] = base."""
+    check_range("restore_", index, weight.numel())
     weight.view(-1)[index.long()] = base.to(weight.dtype)

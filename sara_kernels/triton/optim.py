@@ -70,6 +70,7 @@ def _sparse_adamw_kernel(
     exp_avg_ptr,  # [k] fp32, updated in place
     exp_avg_sq_ptr,  # [k] fp32, updated in place
     k,
+    numel,  # weight entries: an index outside [0, numel) is never written (whatever the checks say)
     decay,  # 1 - lr * weight_decay
     lerp_weight,  # 1 - beta1
     beta2,
@@ -114,7 +115,8 @@ def _sparse_adamw_kernel(
     idx = tl.load(index_ptr + offs, mask=mask, other=0).to(tl.int64)
     base = tl.load(base_ptr + offs, mask=mask, other=0.0)
     merged = base.to(tl.float32) + delta
-    tl.store(weight_ptr + idx, _round_to_weight(merged, OUT_BF16, OUT_FP16), mask=mask)
+    inside = mask & (idx >= 0) & (idx < numel)
+    tl.store(weight_ptr + idx, _round_to_weight(merged, OUT_BF16, OUT_FP16), mask=inside)
 
 
 def sparse_adamw_(
@@ -155,6 +157,7 @@ def sparse_adamw_(
             exp_avg,
             exp_avg_sq,
             k,
+            weight.numel(),
             1 - lr * weight_decay,
             lerp_weight,
             beta2,
@@ -192,6 +195,7 @@ def _scatter_merge_kernel(
     base_ptr,  # [k], weight dtype
     delta_ptr,  # [k], fp32 or fp64
     k,
+    numel,  # weight entries: an index outside [0, numel) is never written
     alpha_hi,
     alpha_lo,
     FP64: tl.constexpr,  # accumulate in fp64 (weight or delta is fp64)
@@ -219,7 +223,8 @@ def _scatter_merge_kernel(
         if SCALE:
             d = d * alpha_hi
         merged = base.to(tl.float32) + d
-    tl.store(weight_ptr + idx, _round_to_weight(merged, OUT_BF16, OUT_FP16), mask=mask)
+    inside = mask & (idx >= 0) & (idx < numel)
+    tl.store(weight_ptr + idx, _round_to_weight(merged, OUT_BF16, OUT_FP16), mask=inside)
 
 
 def scatter_merge_(
@@ -240,6 +245,7 @@ def scatter_merge_(
             base.contiguous(),
             delta.contiguous(),
             k,
+            weight.numel(),
             alpha_hi,
             alpha_lo,
             FP64=fp64,
@@ -254,13 +260,13 @@ def scatter_merge_(
 
 
 @triton.jit
-def _restore_kernel(weight_ptr, index_ptr, base_ptr, k, BLOCK: tl.constexpr):
+def _restore_kernel(weight_ptr, index_ptr, base_ptr, k, numel, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < k
     idx = tl.load(index_ptr + offs, mask=mask, other=0).to(tl.int64)
     base = tl.load(base_ptr + offs, mask=mask, other=0.0)
-    tl.store(weight_ptr + idx, base, mask=mask)
+    tl.store(weight_ptr + idx, base, mask=mask & (idx >= 0) & (idx < numel))
 
 
 def restore_(weight: torch.Tensor, index: torch.Tensor, base: torch.Tensor) -> None:
@@ -270,5 +276,5 @@ def restore_(weight: torch.Tensor, index: torch.Tensor, base: torch.Tensor) -> N
         return
     with device_guard(weight):
         _restore_kernel[(triton.cdiv(k, BLOCK),)](
-            weight, index.contiguous(), base.contiguous(), k, BLOCK=BLOCK, num_warps=NUM_WARPS
+            weight, index.contiguous(), base.contiguous(), k, weight.numel(), BLOCK=BLOCK, num_warps=NUM_WARPS
         )

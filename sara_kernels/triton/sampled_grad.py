@@ -93,6 +93,7 @@ def _sampled_grad_linear_kernel(
     out_ptr,  # [splits, k] fp32/fp64 partial sums (the accumulation dtype)
     k,
     N,
+    numel,  # out * in: an index outside [0, numel) reads nothing (its entry is 0)
     in_features,
     stride_g,
     stride_x,
@@ -108,6 +109,7 @@ def _sampled_grad_linear_kernel(
     mask_k = offs_k < k
     # int64 before any multiply: out * in (and N * stride) can exceed 2**31 on large layers.
     idx = tl.load(index_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
+    valid_k = mask_k & (idx >= 0) & (idx < numel)
     row = idx // in_features
     col = idx - row * in_features
 
@@ -123,7 +125,7 @@ def _sampled_grad_linear_kernel(
     g_ptrs = g_ptr + n64 * stride_g + row[None, :]
     x_ptrs = x_ptr + n64 * stride_x + col[None, :]
     for n0 in range(n_start, n_end, BLOCK_N):  # noqa: B007  (offs_n carries the position)
-        mask = (offs_n < n_end)[:, None] & mask_k[None, :]
+        mask = (offs_n < n_end)[:, None] & valid_k[None, :]
         g = tl.load(g_ptrs, mask=mask, other=0.0)
         xv = tl.load(x_ptrs, mask=mask, other=0.0)
         acc += g.to(acc.dtype) * xv.to(acc.dtype)
@@ -167,6 +169,7 @@ def _linear_direct(
             out,
             k,
             N,
+            out_features * in_features,
             in_features,
             grad_out.stride(0),
             x.stride(0),
@@ -190,6 +193,7 @@ def _sampled_grad_conv2d_kernel(
     index_ptr,  # [k] flat indices into the weight [O, Cg, KH, KW]
     out_ptr,  # [splits, k] partial sums
     k,
+    numel,  # O * Cg * KH * KW: an index outside [0, numel) reads nothing (its entry is 0)
     T,  # N * P * Q: the flattened reduction length
     O,
     C,
@@ -217,6 +221,7 @@ def _sampled_grad_conv2d_kernel(
     mask_k = offs_k < k
     # Decode each entry once per program (int64: the weight may hold >= 2**31 entries).
     idx = tl.load(index_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
+    valid_k = mask_k & (idx >= 0) & (idx < numel)
     kj = idx % KW
     rest = idx // KW
     ki = rest % KH
@@ -248,7 +253,7 @@ def _sampled_grad_conv2d_kernel(
         h = p[None, :] * stride_h + h_off[:, None]
         w = q[None, :] * stride_w + w_off[:, None]
         inside = (h >= 0) & (h < H) & (w >= 0) & (w < W)
-        base_mask = mask_k[:, None] & mask_t[None, :]
+        base_mask = valid_k[:, None] & mask_t[None, :]
         dy = tl.load(
             dy_ptr + (n64 * O * PQ + pq)[None, :] + dy_entry[:, None],
             mask=base_mask,
@@ -302,6 +307,7 @@ def _conv2d_direct(
             index,
             out,
             k,
+            O * Cg * KH * KW,
             T,
             O,
             C,
