@@ -105,22 +105,30 @@ def fsync_directory(directory: str) -> None:
         os.close(fd)
 
 
-def read_file(path: str, error: type[Exception], what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors on CPU, metadata) of a safetensors file; a missing, non-regular, truncated or
-    garbage file is ``error`` naming ``what`` and the path."""
+def read_file(
+    path: str, what: str, error: type[Exception], corrupt=None, shorten=lambda text: text
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors on CPU, metadata) of a safetensors file. Missing: ``FileNotFoundError``; a
+    directory or not a regular file (a FIFO would block): ``error``; truncated or not safetensors:
+    ``corrupt(why)`` (default ``error``). ``what`` names the file in messages, ``shorten`` trims
+    long paths."""
     safetensors = safetensors_module()
+    shown = shorten(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{what} {path!r} does not exist")
+        raise FileNotFoundError(f"{what} {shown!r} does not exist")
+    if os.path.isdir(path):
+        raise error(f"{what} {shown!r} is a directory, not a file")
     if not os.path.isfile(path):
-        raise error(f"{what} {path!r} is not a regular file")
+        raise error(f"{what} {shown!r} is not a regular file (a FIFO, socket or device?)")
     try:
         with safetensors.safe_open(path, framework="pt") as f:
             metadata = dict(f.metadata() or {})
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except Exception as exc:  # SafetensorError and friends: truncated, garbage, not safetensors
-        raise error(
-            f"{what} {path!r} is not a safetensors file or is corrupted: {type(exc).__name__}: {exc}"
-        ) from exc
+        why = f"{type(exc).__name__}: {shorten(str(exc))}"
+        if corrupt is not None:
+            raise corrupt(why) from exc
+        raise error(f"{what} {shown!r} is not a safetensors file or is corrupted: {why}") from exc
     return tensors, metadata
 
 

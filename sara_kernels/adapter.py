@@ -40,7 +40,7 @@ from torch import nn
 
 from sara_kernels import _checks
 from sara_kernels import nn as sk_nn
-from sara_kernels._io import atomic_save_file
+from sara_kernels._io import atomic_save_file, read_file
 from sara_kernels._version import __version__
 from sara_kernels.nn import SparseDeltaConv2d, SparseDeltaLinear
 
@@ -233,16 +233,6 @@ def _carries_adapter(module: nn.Module) -> bool:
     return bool((delta != 0).any())
 
 
-def _parents(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
-    """id(child) -> every (parent, attribute name) that holds it."""
-    found: dict[int, list[tuple[nn.Module, str]]] = {}
-    for parent in model.modules():
-        for name, child in parent._modules.items():
-            if child is not None:
-                found.setdefault(id(child), []).append((parent, name))
-    return found
-
-
 def _replace(parents: dict[int, list[tuple[nn.Module, str]]], old: nn.Module, new: nn.Module) -> None:
     for parent, name in parents.get(id(old), []):
         setattr(parent, name, new)
@@ -391,21 +381,10 @@ def _corrupt(path: str, why: str) -> AdapterError:
 def _read_records(
     path: str | os.PathLike, allow_nonfinite: bool = False
 ) -> tuple[list[_Record], dict[str, torch.Tensor], dict[str, str]]:
-    safetensors = _safetensors()
     path = os.fspath(path)
-    shown = _shorten(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"adapter file {shown!r} does not exist")
-    if os.path.isdir(path):
-        raise AdapterError(f"{shown!r} is a directory, not an adapter file")
-    if not os.path.isfile(path):  # a FIFO or a device would block or stream forever
-        raise AdapterError(f"{shown!r} is not a regular file (a FIFO, socket or device?)")
-    try:
-        with safetensors.safe_open(path, framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except Exception as exc:  # SafetensorError and friends: truncated, garbage, not safetensors
-        raise _corrupt(path, f"{type(exc).__name__}: {_shorten(str(exc))}") from exc
+    tensors, metadata = read_file(
+        path, "adapter file", AdapterError, corrupt=lambda why: _corrupt(path, why), shorten=_shorten
+    )
     for key, value in metadata.items():
         if len(value) > _METADATA_LIMIT:
             raise _corrupt(path, f"metadata entry {_shorten(key)!r} holds {len(value)} characters")
@@ -698,7 +677,7 @@ def load_adapter(
     if len(set(names)) != len(names) or len({id(m) for _, m in plan}) != len(plan):
         raise AdapterError(f"load_adapter({path!r}): two adapter records resolve to the same layer")
 
-    parents = _parents(model)
+    parents = sk_nn.module_parents(model)
     converted, combined, entries = [], [], 0
     for record, module in plan:
         entries += record.index.numel()
@@ -767,7 +746,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """
     if _is_sparse(model):
         return _unload(model)
-    parents = _parents(model)
+    parents = sk_nn.module_parents(model)
     for module in list(model.modules()):
         if _is_sparse(module) and id(module) in parents:
             _replace(parents, module, _unload(module))

@@ -339,7 +339,7 @@ class SparseEMA:
     def load(self, path: str | os.PathLike) -> None:
         """Load a file written by :meth:`save` (checked like :meth:`load_state_dict`)."""
         path = os.fspath(path)
-        tensors, metadata = read_file(path, EMAStateError, "EMA state")
+        tensors, metadata = read_file(path, "EMA state", EMAStateError)
         if metadata.get("format") != FORMAT_NAME or metadata.get("format_version") != FORMAT_VERSION:
             raise EMAStateError(
                 f"{path!r} is not a sara_kernels EMA state (format {metadata.get('format')!r}, "

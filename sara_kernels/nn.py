@@ -159,6 +159,16 @@ def _register(layer) -> None:
     _WEIGHT_OWNER[layer._parameters["weight"]] = weakref.ref(delta)
 
 
+def module_parents(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """id(child) -> every (parent, attribute name) that holds it (a module may have several)."""
+    found: dict[int, list[tuple[nn.Module, str]]] = {}
+    for parent in model.modules():
+        for name, child in parent._modules.items():
+            if child is not None:
+                found.setdefault(id(child), []).append((parent, name))
+    return found
+
+
 def forget_weight(weight: torch.Tensor) -> None:
     """The weight is no longer adapted (merge_and_unload): a later conversion starts afresh."""
     _WEIGHT_OWNER.pop(weight, None)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from sara_kernels import reference
-from sara_kernels.nn import SparseDeltaConv2d, SparseDeltaLinear, _SparseDeltaMixin
+from sara_kernels.nn import SparseDeltaConv2d, SparseDeltaLinear, _SparseDeltaMixin, module_parents
 
 DEFAULT_THRESHOLD = 2e-3
 
@@ -524,16 +524,6 @@ def _warn_zero_cut(kth: float) -> None:
         )
 
 
-def _parents(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
-    """id(child) -> every (parent, attribute name) that holds it."""
-    found: dict[int, list[tuple[nn.Module, str]]] = {}
-    for parent in model.modules():
-        for name, child in parent._modules.items():
-            if child is not None:
-                found.setdefault(id(child), []).append((parent, name))
-    return found
-
-
 def apply_sara(model: nn.Module, config: SaRAConfig | None = None) -> nn.Module:
     """Convert ``model``'s Linear/Conv2d layers to sparse-delta layers in place, select the
     trainable entries and freeze everything else.
@@ -583,7 +573,7 @@ def apply_sara(model: nn.Module, config: SaRAConfig | None = None) -> nn.Module:
     # Everything is validated: freeze, then convert (the deltas are created trainable).
     for p in model.parameters():
         p.requires_grad_(False)
-    parents = _parents(model)
+    parents = module_parents(model)
     layers = []
     root = model
     for group, index, threshold in zip(groups, indices, thresholds, strict=True):

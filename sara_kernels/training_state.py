@@ -107,7 +107,7 @@ def save_training_state(model: nn.Module, path: str | os.PathLike) -> None:
 def read_training_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors (by ``state_dict`` key, on CPU) and metadata of a training-state file."""
     path = os.fspath(path)
-    tensors, metadata = read_file(path, TrainingStateError, "training state")
+    tensors, metadata = read_file(path, "training state", TrainingStateError)
     if metadata.get("format") != FORMAT_NAME:
         raise TrainingStateError(
             f"{path!r} is not a sara_kernels training state (format {metadata.get('format')!r})"
