@@ -94,7 +94,7 @@ class SparseEMA:
             )
         if not (math.isfinite(inv_gamma) and inv_gamma > 0 and math.isfinite(power) and power > 0):
             raise ValueError(f"SparseEMA: inv_gamma and power must be positive, got {inv_gamma}, {power}")
-        model = getattr(model, "module", model)  # DDP / accelerate wrappers
+        model = sk_nn.unwrap_model(model)  # DDP / accelerate / torch.compile wrappers
         self.model = model
         self.decay, self.min_decay = float(decay), float(min_decay)
         self.update_after_step = update_after_step
@@ -114,6 +114,7 @@ class SparseEMA:
             self.shadow = {name: layer.total_delta() for name, layer in self._layers}
             self.shadow_params = {name: p.detach().clone() for name, p in self._params}
         self._stored: dict | None = None
+        self._name_of = {id(layer.sparse_delta): name for name, layer in self._layers}
         for _, layer in self._layers:
             sk_nn.follow_slots(layer.sparse_delta, self)
 
@@ -206,19 +207,18 @@ class SparseEMA:
     def _sara_follow_slots(self, delta: torch.Tensor, source: torch.Tensor, k: int) -> None:
         """Re-selection or a load reordered a layer's slots: the averages move with their entries
         (a new entry starts at its current delta)."""
-        for name, layer in self._layers:
-            if layer.sparse_delta is delta:
-                new = layer.total_delta()
-                old = self.shadow[name]
-                source = source.to(old.device)
-                valid = source >= 0
-                new[valid] = old[source[valid]]
-                self.shadow[name] = new
-                if self._stored is not None:
-                    stored = self._stored["layers"][name]
-                    fresh = layer.total_delta()
-                    fresh[valid] = stored[source[valid]]
-                    self._stored["layers"][name] = fresh
+        name = self._name_of.get(id(delta))
+        layer = sk_nn.layer_of(delta)
+        if name is None or layer is None:
+            return
+        source = source.to(self.shadow[name].device)
+        valid = source >= 0
+        for store in (self.shadow, self._stored["layers"] if self._stored is not None else None):
+            if store is None:
+                continue
+            moved = layer.total_delta().to(store[name].device)
+            moved[valid] = store[name][source[valid]]
+            store[name] = moved
 
     def to(self, device=None, dtype=None, non_blocking: bool = False) -> SparseEMA:
         """Move the averages (deltas stay fp32; other trainable parameters' averages take ``dtype``

@@ -31,7 +31,8 @@ gradient and Adam moments stay ``n``-sized after re-selection (they do not shrin
 
 * :class:`~sara_kernels.optim.SparseAdamW` writes the merged value in the same kernel;
 * any other ``torch.optim`` optimizer (fused, foreach or for-loop): a global step post-hook merges
-  the deltas it stepped right after ``step()`` (O(k)), so a ``state_dict()`` taken then is current;
+  the deltas it stepped right after ``step()`` (O(n) per layer), so a ``state_dict()`` taken then
+  is current;
 * in-place ops (``copy_``, ``add_`` under ``no_grad``) bump the version counter: the next forward or
   ``state_dict()`` re-merges;
 * writes through ``.data`` (what ``EMAModel.copy_to`` does) do not bump it: ``DeltaParameter``
@@ -169,6 +170,29 @@ def module_parents(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
     return found
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside DDP / DataParallel / ``torch.compile`` wrappers (only those: a child that
+    happens to be called ``module`` is part of the model)."""
+    for _ in range(8):
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(
+            getattr(model, "_orig_mod", None), nn.Module
+        ):
+            model = model._orig_mod
+        else:
+            break
+    return model
+
+
+def owner_of(weight: torch.Tensor):
+    """The live sparse-delta layer that adapts ``weight`` (a weight Parameter), or None."""
+    ref = _WEIGHT_OWNER.get(weight)
+    delta = ref() if ref is not None else None
+    layer = layer_of(delta) if delta is not None else None
+    return layer if layer is not None and layer._parameters.get("weight") is weight else None
+
+
 def forget_weight(weight: torch.Tensor) -> None:
     """The weight is no longer adapted (merge_and_unload): a later conversion starts afresh."""
     _WEIGHT_OWNER.pop(weight, None)
@@ -254,29 +278,55 @@ def _after_optimizer_step(optimizer, args, kwargs) -> None:
 register_optimizer_step_post_hook(_after_optimizer_step)
 
 
-def _follow_optimizer_state(delta: torch.Tensor, source: torch.Tensor, k: int, extra=()) -> None:
-    """Reorder every known optimizer's per-entry state of ``delta`` to a new slot layout.
-
-    ``source[j]`` is the old slot of new slot ``j`` (-1: a new entry, state 0). Slots ``[k, n)``
-    are frozen: their state is zeroed, so the optimizer leaves their (zero) delta at zero.
-    """
-    n_old = None
-    done = set()
+def _optimizer_states(delta: torch.Tensor, extra=()) -> list[tuple[object, dict]]:
+    """(optimizer, its state dict) of every optimizer known to hold state for ``delta``: those seen
+    stepping a delta, and ``extra`` (wrappers such as accelerate's are unwrapped)."""
+    found, done = [], set()
     for optimizer in list(_OPTIMIZERS) + [o for o in extra if o is not None]:
         optimizer = _unwrap_optimizer(optimizer)
         state = getattr(optimizer, "state", None)
-        if not isinstance(state, dict) or id(optimizer) in done or delta not in state:
-            continue
-        done.add(id(optimizer))
+        if isinstance(state, dict) and id(optimizer) not in done and delta in state:
+            done.add(id(optimizer))
+            found.append((optimizer, state))
+    return found
+
+
+def _follow_optimizer_state(
+    delta: torch.Tensor, source: torch.Tensor, k: int, n_old: int, extra=(), reset: bool = False
+) -> None:
+    """Reorder every known optimizer's per-entry state of ``delta`` to a new slot layout.
+
+    ``source[j]`` is the old slot of new slot ``j`` (-1: a new entry, state 0). Slots ``[k, n)``
+    are frozen: their state is zeroed, so the optimizer leaves their (zero) delta at zero. With
+    ``reset`` every per-entry tensor is zeroed and the step count restarts.
+
+    Only floating-point ``[n_old]`` tensors can be moved entry by entry. An optimizer that keeps
+    anything else for the delta (8-bit optimizers' quantized codes with per-block scales, or any
+    layout this does not know) has that delta's state dropped, with a warning: it starts the delta
+    afresh at its next step, which is correct, where moving codes between blocks would not be.
+    """
+    for optimizer, state in _optimizer_states(delta, extra):
         entry = state[delta]
-        for key, value in list(entry.items()):
-            if not isinstance(value, torch.Tensor) or value.dim() != 1:
-                continue
-            if n_old is None:
-                n_old = value.numel()
-            if value.numel() != n_old:
-                continue
-            entry[key] = _remap(value, source, k)
+        tensors = {key: v for key, v in entry.items() if isinstance(v, torch.Tensor) and v.dim() > 0}
+        movable = {key: v for key, v in tensors.items() if v.shape == (n_old,) and v.is_floating_point()}
+        if len(movable) != len(tensors):
+            state.pop(delta)
+            warnings.warn(
+                f"sara_kernels: {type(optimizer).__name__} keeps state that cannot move with the entries "
+                f"({', '.join(f'{key} {tuple(v.shape)} {v.dtype}' for key, v in tensors.items() if key not in movable)}): "
+                "its state for this delta was reset (moments and step start again)",
+                SparseStateWarning,
+                stacklevel=4,
+            )
+            continue
+        for key, value in movable.items():
+            if reset:
+                entry[key] = torch.zeros(source.numel(), dtype=value.dtype, device=value.device)
+            else:
+                entry[key] = _remap(value, source, k)
+        if reset and "step" in entry:
+            step = entry["step"]
+            entry["step"] = torch.zeros_like(step) if isinstance(step, torch.Tensor) else 0.0
 
 
 def _remap(value: torch.Tensor, source: torch.Tensor, k: int, fill_frozen: bool = True) -> torch.Tensor:
@@ -344,9 +394,8 @@ class _SparseDeltaMixin:
             # channels_last (or any strided) weights: the index addresses the row-major layout, so
             # the layer keeps its weight contiguous (a copy); inputs of any memory format work.
             torch._C.TensorBase.data.__set__(weight, weight.detach().contiguous())
-        owner_ref = _WEIGHT_OWNER.get(weight)
-        owner = layer_of(owner_ref()) if owner_ref is not None and owner_ref() is not None else None
-        if owner is not None and owner._parameters.get("weight") is weight:
+        owner = owner_of(weight)
+        if owner is not None:
             self._share_sparse_state(owner, index, threshold, k)
             return
         with torch.no_grad():
@@ -420,6 +469,7 @@ class _SparseDeltaMixin:
         label = self._label()
         if not isinstance(index, torch.Tensor):
             index = torch.as_tensor(index)
+        given = index
         if index.dtype not in _checks.INDEX_DTYPES:
             raise TypeError(f"{label}: {what} has dtype {index.dtype}; expected int32 or int64")
         if index.dim() != 1:
@@ -447,6 +497,8 @@ class _SparseDeltaMixin:
                     )
             if frozen and torch.unique(index).numel() != n:
                 raise ValueError(f"{label}: {what} lists an entry both as trainable and as frozen")
+        if index is given or index.untyped_storage().data_ptr() == given.untyped_storage().data_ptr():
+            index = index.clone()  # the layer owns its index: re-selection permutes it in place
         if frozen == 0:
             _checks.remember_index_checked(index, numel)  # validated just above
         return index
@@ -646,7 +698,7 @@ class _SparseDeltaMixin:
         if total_delta is None:
             total_delta = torch.zeros(n, dtype=torch.float32, device=weight.device)
         if not isinstance(total_delta, torch.Tensor) or total_delta.shape != (n,):
-            raise ValueError(f"{self._label()}: the delta must have shape [{n}], like the index")
+            raise ValueError(f"{self._label()}: total_delta must have shape [{n}], like the index")
         total_delta = total_delta.to(device=weight.device, dtype=torch.float32)
         if not bool(torch.isfinite(total_delta).all()):
             raise ValueError(f"{self._label()}: the delta holds NaN or infinite values")
@@ -678,7 +730,7 @@ class _SparseDeltaMixin:
                 self._assign(sparse_index=index, sparse_base=base)
                 _resize_parameter(delta, new_delta)
             self._assign(sparse_frozen_delta=total_delta[k:].clone())
-        _follow_optimizer_state(delta, source, k, optimizers)
+        _follow_optimizer_state(delta, source, k, old_index.numel(), optimizers)
         for holder in _holders(delta):
             holder._sara_follow_slots(delta, source, k)
         self.merge_()
@@ -702,7 +754,7 @@ class _SparseDeltaMixin:
         delta = self._parameters["sparse_delta"]
         if kept == k:
             if reset_state:
-                _reset_optimizer_state(delta, optimizers)
+                _follow_optimizer_state(delta, torch.arange(n), k, n, optimizers, reset=True)
             return k, 0
         index, base = self._buffers["sparse_index"], self._buffers["sparse_base"]
         delta = self._parameters["sparse_delta"]
@@ -724,10 +776,7 @@ class _SparseDeltaMixin:
                 delta.grad[kept:] = 0
             self._assign(sparse_frozen_delta=total[kept:].clone())
         _checks.mark_index_checked(index[:kept], self._parameters["weight"].numel())
-        if reset_state:
-            _reset_optimizer_state(delta, optimizers)
-        else:
-            _follow_optimizer_state(delta, order, kept, optimizers)
+        _follow_optimizer_state(delta, order, kept, n, optimizers, reset=reset_state)
         for holder in _holders(delta):
             holder._sara_follow_slots(delta, order, kept)
         self.merge_()
@@ -755,6 +804,8 @@ class _SparseDeltaMixin:
             "grad": _raw(delta.grad) if delta.grad is not None else None,
             "sparse_frozen_delta": self._buffers["sparse_frozen_delta"],
         }
+        group = _group(self)
+        before = {name: self._buffers[name] for name in SPARSE_BUFFERS}
         del self._parameters["sparse_delta"]
         del self._buffers["sparse_frozen_delta"]
         try:
@@ -775,6 +826,12 @@ class _SparseDeltaMixin:
         if keep["grad"] is not None:
             delta.grad = fp32(keep["grad"])
         self._buffers["sparse_frozen_delta"] = fp32(keep["sparse_frozen_delta"])
+        # Modules sharing a weight share these buffers: a cast or a move gives each module its own
+        # new tensor, so point the others (still holding the old one) at this module's.
+        for name, old in before.items():
+            for other in group[1:]:
+                if other._buffers.get(name) is old:
+                    other._buffers[name] = self._buffers[name]
         weight = self._parameters["weight"]
         if weight is not None:
             if not weight.is_contiguous():
@@ -806,20 +863,28 @@ class _SparseDeltaMixin:
           merged model): the deltas are recovered as ``weight - pre-trained`` at the adapted entries
           (the frozen split kept), with a :class:`SparseStateWarning`; a weight that differs from the
           pre-trained one outside the adapted entries is an error (it cannot be represented).
+
+        Everything of this layer is checked before anything of it is written: a refused state
+        leaves the layer (its weight included) as it was.
         """
         keys = {name: prefix + name for name in SPARSE_KEYS + _LEGACY_KEYS}
         sparse = {name: state_dict.pop(key) for name, key in keys.items() if key in state_dict}
         weight_key = prefix + "weight"
         dense_weight = state_dict.get(weight_key)
         weight = self._parameters["weight"]
+        has_weight = isinstance(dense_weight, torch.Tensor)
         before = len(error_msgs)
-        refused = False
-        if sparse and dense_weight is None:
-            self.unmerge_()  # the checkpoint's entries are merged onto the pre-trained weight
-        elif not sparse and isinstance(dense_weight, torch.Tensor) and dense_weight.shape == weight.shape:
-            if not self._dense_fits(dense_weight, error_msgs):
-                state_dict.pop(weight_key)  # not written: the layer keeps its state
-                dense_weight, refused = None, True
+        parsed, refused = None, False
+        if sparse:
+            try:
+                parsed = self._validate_sparse(sparse, has_weight=has_weight)
+            except (TypeError, ValueError, IndexError) as error:
+                error_msgs.append(str(error))
+                refused = True
+        elif has_weight and dense_weight.shape == weight.shape:
+            refused = not self._dense_fits(dense_weight, error_msgs)
+        if refused and weight_key in state_dict:
+            state_dict.pop(weight_key)  # not written: the layer keeps its state
         hidden = {name: self._parameters.pop(name) for name in SPARSE_PARAMETERS}
         hidden_buffers = {name: self._buffers.pop(name) for name in SPARSE_BUFFERS}
         _LOCAL.loading = True
@@ -831,8 +896,10 @@ class _SparseDeltaMixin:
             _LOCAL.loading = False
             self._parameters.update(hidden)
             self._buffers.update(hidden_buffers)
-        if refused and weight_key in missing_keys:
-            missing_keys.remove(weight_key)
+        if refused:
+            if weight_key in missing_keys:
+                missing_keys.remove(weight_key)
+            return
         new_weight = self._parameters["weight"]
         if new_weight is not self.__dict__["_sparse_weight"]:  # load_state_dict(assign=True)
             if tuple(new_weight.shape) != self.__dict__["_sparse_weight_shape"]:
@@ -843,16 +910,62 @@ class _SparseDeltaMixin:
                 torch._C.TensorBase.data.__set__(new_weight, new_weight.detach().contiguous())
             self.__dict__["_sparse_weight"] = new_weight
             _register(self)
-        if len(error_msgs) > before:
-            if sparse and dense_weight is None:
-                self.merge_()
+        if len(error_msgs) > before:  # e.g. another key of this module did not fit
+            self.merge_()  # whatever torch loaded, the layer's own state stays merged
             return
-        if sparse:
-            self._load_sparse(sparse, has_weight=dense_weight is not None, error_msgs=error_msgs)
-        elif dense_weight is not None:
+        if parsed is not None:
+            index, base, total, frozen = parsed
+            if has_weight:
+                # The weight just loaded is the checkpoint's (merged at its entries, its pre-trained
+                # values elsewhere): make unmerging this layer's old entries a no-op, so that
+                # set_entries_ keeps the loaded values there and merges the checkpoint's deltas.
+                with torch.no_grad():
+                    old = _raw(self._buffers["sparse_index"]).long()
+                    self._buffers["sparse_base"].copy_(_raw(weight).reshape(-1)[old])
+            self.set_entries_(index, total, frozen=frozen, base=base)
+        elif has_weight:
             self._load_dense()
         else:
             missing_keys.extend(prefix + name for name in SPARSE_KEYS)
+
+    def _pretrained_at(self, index: torch.Tensor) -> torch.Tensor:
+        """The pre-trained values at flat ``index`` (the layer's base where it adapts the entry, the
+        weight elsewhere), read without changing anything."""
+        flat = _raw(self._parameters["weight"]).reshape(-1)
+        index = index.to(device=flat.device, dtype=torch.int64)
+        values = flat[index].clone()
+        source = _slot_sources(_raw(self._buffers["sparse_index"]).long(), index)
+        hit = source >= 0
+        values[hit] = self._buffers["sparse_base"][source[hit]]
+        return values
+
+    def _validate_sparse(self, sparse: dict, *, has_weight: bool):
+        """A checkpoint's sparse state for this layer, checked against the layer: (index, base, total
+        delta, frozen count). Raises (naming the layer) for a malformed state, another entry count
+        (another selection), a bad index, or, without a weight in the checkpoint, pre-trained values
+        that differ from this model's. Changes nothing."""
+        label = self._label()
+        index, base, total, frozen = _parse_sparse_state(sparse, label)
+        n_model = self.adapted_count
+        if index.numel() != n_model and n_model != 0:
+            raise ValueError(
+                f"{label}: the checkpoint adapts {index.numel()} entries but this layer {n_model}: the "
+                "model was converted with another selection (SaRAConfig) or from other pre-trained "
+                "weights. Convert the base model the same way before loading (resizing would break "
+                "an optimizer or a DDP wrapper already holding the delta)"
+            )
+        weight = self._parameters["weight"]
+        index = self._checked_index(index, weight, what="the checkpoint's sparse_index", frozen=frozen)
+        base = base.to(device=weight.device, dtype=weight.dtype)
+        if not has_weight:
+            pretrained = self._pretrained_at(index)
+            if not torch.equal(pretrained, base):
+                bad = int((pretrained != base).sum())
+                raise ValueError(
+                    f"{label}: the checkpoint's pre-trained values differ from this model's at {bad} of "
+                    f"{base.numel()} adapted entries: it was trained from other base weights"
+                )
+        return index, base, total.to(weight.device), frozen
 
     def _dense_fits(self, dense_weight: torch.Tensor, error_msgs: list) -> bool:
         """A dense weight can be loaded if it differs from the pre-trained one only at adapted
@@ -894,54 +1007,6 @@ class _SparseDeltaMixin:
             )
         self.set_total_delta_(total)
 
-    def _load_sparse(self, sparse: dict, *, has_weight: bool, error_msgs: list) -> None:
-        label = self._label()
-        try:
-            index, base, total, frozen = _parse_sparse_state(sparse, label)
-        except (TypeError, ValueError) as error:
-            error_msgs.append(str(error))
-            if not has_weight:
-                self.merge_()
-            return
-        weight = self._parameters["weight"]
-        n_model = self.adapted_count
-        if index.numel() != n_model and n_model != 0:
-            error_msgs.append(
-                f"{label}: the checkpoint adapts {index.numel()} entries but this layer {n_model}: the "
-                "model was converted with another selection (SaRAConfig) or from other pre-trained "
-                "weights. Convert the base model the same way before loading (resizing would break "
-                "an optimizer or a DDP wrapper already holding the delta)"
-            )
-            if not has_weight:
-                self.merge_()
-            return
-        try:
-            checked = self._checked_index(index, weight, what="the checkpoint's sparse_index", frozen=frozen)
-        except (TypeError, ValueError, IndexError) as error:
-            error_msgs.append(str(error))
-            if not has_weight:
-                self.merge_()
-            return
-        base = base.to(device=weight.device, dtype=weight.dtype)
-        if not has_weight:
-            pretrained = _raw(weight).reshape(-1)[checked.long()]
-            if not torch.equal(pretrained, base):
-                bad = int((pretrained != base).sum())
-                error_msgs.append(
-                    f"{label}: the checkpoint's pre-trained values differ from this model's at {bad} of "
-                    f"{base.numel()} adapted entries: it was trained from other base weights"
-                )
-                self.merge_()
-                return
-        else:
-            # The weight just loaded is the checkpoint's (merged at its entries, its pre-trained values
-            # elsewhere): make unmerging this layer's old entries a no-op, so that set_entries_ keeps
-            # the loaded values there and merges the checkpoint's deltas onto its own base.
-            with torch.no_grad():
-                old = _raw(self._buffers["sparse_index"]).long()
-                self._buffers["sparse_base"].copy_(_raw(weight).reshape(-1)[old])
-        self.set_entries_(checked, total, frozen=frozen, base=base)
-
     def _sparse_repr(self) -> str:
         text = f"k={self.k}, density={self.density:.2%}"
         if self.frozen_count:
@@ -971,19 +1036,6 @@ def _resize_parameter(delta: torch.Tensor, values: torch.Tensor) -> None:
     torch._C.TensorBase.data.__set__(delta, values.to(torch.float32).contiguous())
     delta.grad = None
     delta.__dict__[_MERGED] = None
-
-
-def _reset_optimizer_state(delta: torch.Tensor, extra=()) -> None:
-    for optimizer in list(_OPTIMIZERS) + [o for o in extra if o is not None]:
-        state = getattr(_unwrap_optimizer(optimizer), "state", None)
-        if not isinstance(state, dict) or delta not in state:
-            continue
-        entry = state[delta]
-        for key, value in list(entry.items()):
-            if key == "step":
-                entry[key] = torch.zeros_like(value) if isinstance(value, torch.Tensor) else 0.0
-            elif isinstance(value, torch.Tensor) and value.shape == delta.shape:
-                value.zero_()
 
 
 def _parse_sparse_state(sparse: dict, label: str):

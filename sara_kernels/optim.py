@@ -45,7 +45,8 @@ class SparseAdamW(torch.optim.Optimizer):
     follows the same trajectory bit for bit) and ``zero_grad(set_to_none=True)``.
     """
 
-    #: The fused step writes the merged weight (nn._invalidate_after_step leaves the deltas merged).
+    #: The fused step writes the merged weight (the global post-step hook in sara_kernels.nn then has
+    #: nothing to merge).
     _sara_kernels_writes_back = True
 
     def __init__(
@@ -140,7 +141,10 @@ class SparseAdamW(torch.optim.Optimizer):
         # ops' Python checks cost ~50-90 us per call, x282 layers on a UNet).
         sets = []
         for p, layer, grad, state in fused:
-            layer._check_state()  # a replaced or resized weight is an error, never a stray write
+            # A replaced or resized weight is an error, never a stray write; a weight left unmerged
+            # (unmerge_, a write the layer has not merged yet) is merged first: the fused step
+            # writes only the trainable slots.
+            layer._maybe_merge()
             # The step count is a Python float here (a tensor increment per layer costs more than
             # the update of a small layer); a tensor from an older checkpoint converts on its first step.
             step = state["step"] = float(state["step"]) + 1.0

@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from sara_kernels import nn as sk_nn
 from sara_kernels import reference
 from sara_kernels.nn import SparseDeltaConv2d, SparseDeltaLinear, _SparseDeltaMixin, module_parents
 
@@ -305,8 +306,14 @@ def _plan(model: nn.Module, config: SaRAConfig) -> tuple[list[list[_Target]], li
         base = nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d
         weight = module._parameters.get("weight")
         reason = None
+        owner = sk_nn.owner_of(weight) if isinstance(weight, nn.Parameter) else None
         if not isinstance(weight, nn.Parameter):
             reason = "its weight is not a parameter (weight_norm or a parametrization computes it)"
+        elif owner is not None:
+            reason = (
+                f"its weight is already adapted by {owner._label()} (a module shared with a model "
+                "converted before); convert the models that share it together"
+            )
         elif id(module) in read_by:
             reason = f"its weight is read by {read_by[id(module)]} outside the layer's own forward"
         elif type(module).forward is not _PLAIN_FORWARD[base]:

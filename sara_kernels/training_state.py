@@ -35,31 +35,17 @@ FORMAT_NAME = "sara_kernels.training_state"
 FORMAT_VERSION = "1"
 #: The file name :mod:`sara_kernels.integrations.accelerate` uses in a checkpoint's model folder.
 FILE_NAME = "sara_training_state.safetensors"
+_SPARSE_NAMES = set(sk_nn.SPARSE_KEYS) | {"sparse_frozen_index", "sparse_frozen_base"}
 
 
 class TrainingStateError(ValueError):
     """A training-state file is invalid, or does not fit the model it is loaded into."""
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DDP / accelerate / torch.compile wrappers."""
-    for _ in range(8):
-        inner = getattr(model, "module", None)
-        if isinstance(inner, nn.Module):
-            model = inner
-            continue
-        inner = getattr(model, "_orig_mod", None)
-        if isinstance(inner, nn.Module):
-            model = inner
-            continue
-        break
-    return model
-
-
 def training_state_keys(model: nn.Module) -> list[str]:
     """The ``state_dict`` keys a training state holds: the sparse state of every sparse-delta layer,
     the trainable parameters and every buffer (the frozen dense weights are left out)."""
-    model = _unwrap(model)
+    model = sk_nn.unwrap_model(model)
     if not any(isinstance(m, sk_nn._SparseDeltaMixin) for m in model.modules()):
         raise TrainingStateError(
             f"{type(model).__name__} has no sparse-delta layer: a training state is for a SaRA model "
@@ -84,7 +70,7 @@ def save_training_state(model: nn.Module, path: str | os.PathLike) -> None:
         model: a SaRA model (a DDP / accelerate wrapper is unwrapped).
         path: the file (conventionally ``sara_training_state.safetensors``).
     """
-    model = _unwrap(model)
+    model = sk_nn.unwrap_model(model)
     keys = training_state_keys(model)
     state = model.state_dict()  # merges every layer first
     tensors, aliases = unique_storage({key: state[key] for key in keys})
@@ -145,23 +131,50 @@ def load_training_state(model: nn.Module, path: str | os.PathLike, *, strict: bo
         ``{"missing": [...], "unexpected": [...]}`` (empty when strict).
 
     Raises:
-        FileNotFoundError, TrainingStateError: a bad file, or one that does not fit the model (the
-            message names the key or layer); ``RuntimeError`` from ``load_state_dict`` for a layer
-            whose checkpoint does not fit (another base model or selection).
+        FileNotFoundError, TrainingStateError: a bad file, or one that does not fit the model (another
+            base model or selection; the message names the key or layer). Nothing is loaded then.
     """
-    model = _unwrap(model)
+    model = sk_nn.unwrap_model(model)
     tensors, _ = read_training_state(path)
+    where = f"load_training_state({os.fspath(path)!r})"
     expected = set(training_state_keys(model))
     missing = sorted(expected - set(tensors))
     unexpected = sorted(set(tensors) - expected)
     if strict and (missing or unexpected):
         raise TrainingStateError(
-            f"load_training_state({os.fspath(path)!r}): the file does not fit {type(model).__name__}: "
+            f"{where}: the file does not fit {type(model).__name__}: "
             f"{len(missing)} key(s) missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. "
             f"{unexpected[:3]}); convert the base model with the same SaRAConfig, or pass strict=False"
         )
     for key in unexpected:
         tensors.pop(key)
+    # Everything is checked before anything is loaded: every layer's sparse state against the
+    # layer (entry count, index, pre-trained values), every other tensor's shape.
+    problems = []
+    current = model.state_dict(keep_vars=True)
+    for name, module in model.named_modules():
+        if not isinstance(module, sk_nn._SparseDeltaMixin):
+            continue
+        dot = f"{name}." if name else ""
+        sparse = {
+            key[len(dot) :]: t
+            for key, t in tensors.items()
+            if key.startswith(dot) and key[len(dot) :] in _SPARSE_NAMES
+        }
+        if sparse:
+            try:
+                module._validate_sparse(sparse, has_weight=f"{dot}weight" in tensors)
+            except (TypeError, ValueError, IndexError) as error:
+                problems.append(str(error))
+    for key, t in tensors.items():
+        if key.rsplit(".", 1)[-1] in _SPARSE_NAMES:
+            continue
+        if key in current and tuple(current[key].shape) != tuple(t.shape):
+            problems.append(
+                f"{key}: the file holds shape {tuple(t.shape)}, the model {tuple(current[key].shape)}"
+            )
+    if problems:
+        raise TrainingStateError(f"{where}: nothing was loaded: " + "; ".join(problems[:5]))
     model.load_state_dict(tensors, strict=False)
     return {"missing": missing, "unexpected": unexpected}
 

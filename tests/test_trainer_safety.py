@@ -328,14 +328,17 @@ def test_a_sara_state_of_another_base_model_is_refused(tmp_path):
     other = sara_net(seed=7, **per_layer)
     weights = {n: layer.weight.detach().clone() for n, layer in sk.sparse_layers(other)}
     with pytest.raises(
-        RuntimeError, match="'conv': the checkpoint's pre-trained values differ from this model's"
+        sk.training_state.TrainingStateError,
+        match="nothing was loaded: .*'conv': the checkpoint's pre-trained values",
     ):
         sk.load_training_state(other, path)
     for n, layer in sk.sparse_layers(other):
         assert torch.equal(layer.weight, weights[n]) and not layer.sparse_delta.any(), n
     path = _save_state(trained_with_reselection()[0], tmp_path)
     smaller = sara_net(fraction=0.05)
-    with pytest.raises(RuntimeError, match=r"the checkpoint adapts \d+ entries but this layer \d+"):
+    with pytest.raises(
+        sk.training_state.TrainingStateError, match=r"the checkpoint adapts \d+ entries but this layer \d+"
+    ):
         sk.load_training_state(smaller, path)
 
 
@@ -821,7 +824,9 @@ def test_accelerate_checkpoint_hooks_resume_bit_exact_across_reselection(tmp_pat
     # The checkpoint's plain copy opens in diffusers without sara_kernels' keys, merged.
     with caplog.at_level("WARNING"):
         plain = diffusers.UNet2DConditionModel.from_pretrained(checkpoint / "unet")
-    assert not [r for r in caplog.records if "unexpected" in r.getMessage().lower() or "not used" in r.getMessage()]
+    assert not [
+        r for r in caplog.records if "unexpected" in r.getMessage().lower() or "not used" in r.getMessage()
+    ]
     assert not any("sparse" in key for key in plain.state_dict())
     fresh = sk.apply_sara(_tiny_unet(), sk.SaRAConfig(fraction=0.05))
     sk.load_training_state(fresh, checkpoint / "unet" / "sara_training_state.safetensors")
@@ -829,3 +834,162 @@ def test_accelerate_checkpoint_hooks_resume_bit_exact_across_reselection(tmp_pat
     assert merged.keys() == plain.state_dict().keys()
     for key, value in plain.state_dict().items():
         assert torch.equal(value, merged[key]), key
+
+
+# ---------------------------------------------------------------------------------------------
+# State that must stay consistent in less common routes
+# ---------------------------------------------------------------------------------------------
+class QuantizedStateAdam(torch.optim.Optimizer):
+    """A toy 8-bit optimizer in the style of bitsandbytes': per-entry uint8 codes (code 128 is 0,
+    code 0 is -scale) with one fp32 scale per block of 64 entries."""
+
+    def __init__(self, params, lr=1e-2):
+        super().__init__(params, dict(lr=lr))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["codes"] = torch.full(p.shape, 128, dtype=torch.uint8)
+                    state["absmax"] = torch.zeros(p.numel() // 64 + 1)
+                scale = state["absmax"].repeat_interleave(64)[: p.numel()]
+                m = 0.9 * (state["codes"].float() - 128.0) / 127.0 * scale + 0.1 * p.grad
+                top = max(float(m.abs().max()), 1e-12)
+                state["absmax"].fill_(top)
+                state["codes"].copy_((m / top * 127.0 + 128.0).round().clamp(0, 255).to(torch.uint8))
+                p.add_(m, alpha=-group["lr"])
+
+
+def test_reselection_resets_the_state_of_an_optimizer_it_cannot_reorder():
+    model = sara_net()
+    opt = QuantizedStateAdam(sk.sparse_parameters(model))
+    train(model, opt, 3)
+    with pytest.warns(SparseStateWarning, match="QuantizedStateAdam keeps state that cannot move .*codes"):
+        summary = sk.reselect_(model, opt)
+    assert summary.frozen > 0
+    train(model, opt, 2)
+    for name, layer in sk.sparse_layers(model):
+        assert not layer.sparse_delta[layer.k :].any(), name  # the frozen entries did not move
+    assert_merged(model)
+
+
+@pytest.mark.parametrize("cast", ["half", "clone"], ids=["half()", "a device move"])
+def test_tied_layers_keep_sharing_their_state_through_casts_and_moves(cast):
+    model = sk.apply_sara(Tied(), sk.SaRAConfig(fraction=0.3))
+    if cast == "half":
+        model.half()
+    else:
+        model._apply(lambda t: t.clone())  # what .to(another device) does to every buffer
+    for name in ("sparse_index", "sparse_base", "sparse_frozen_delta"):
+        assert getattr(model.a, name) is getattr(model.b, name), name
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1)).to(model.a.weight.dtype)
+    opt = sk.SparseAdamW(sk.sparse_parameters(model), lr=1e-2)
+    for _ in range(2):
+        opt.zero_grad()
+        model(x).float().square().sum().backward()
+        opt.step()
+    sk.reselect_(model, opt, threshold=float(model.a.sparse_base.abs().float().median()))
+    opt.zero_grad()
+    model(x).float().square().sum().backward()
+    opt.step()
+    assert model.a.sparse_frozen_delta is model.b.sparse_frozen_delta and model.a.frozen_count > 0
+    assert_merged(model)
+
+
+def test_an_index_given_to_two_layers_belongs_to_each():
+    index = torch.tensor([1, 5, 9, 20, 33], dtype=torch.int32)
+    given = index.clone()
+    torch.manual_seed(0)
+    a = SparseDeltaLinear.from_dense(nn.Linear(8, 8), index=index)
+    b = SparseDeltaLinear.from_dense(nn.Linear(8, 8), index=index)
+    assert a.sparse_index is not index and a.sparse_index is not b.sparse_index
+    with torch.no_grad():
+        a.sparse_delta.copy_(torch.tensor([0.5, -0.5, 0.5, -0.5, 0.5]))
+    a.freeze_(torch.tensor([False, True, False, True, True]))
+    assert torch.equal(index, given) and torch.equal(b.sparse_index, given)
+    assert_merged(nn.Sequential(a, b))
+
+
+def test_a_refused_full_state_dict_leaves_the_layer_as_it_was():
+    model = sara_net()
+    opt = sk.SparseAdamW(sk.sparse_parameters(model), lr=LR)
+    train(model, opt, 2)
+    x, _ = batch()
+    out = model(x).detach()
+    weights = {n: layer.weight.detach().clone() for n, layer in sk.sparse_layers(model)}
+    other = sara_net(fraction=0.2)  # another selection: other entry counts
+    with pytest.raises(RuntimeError, match=r"the checkpoint adapts \d+ entries but this layer \d+"):
+        model.load_state_dict(other.state_dict())
+    for n, layer in sk.sparse_layers(model):
+        assert torch.equal(layer.weight, weights[n]), n
+    assert_merged(model)
+    assert torch.equal(model(x), out)
+
+
+def test_a_fused_step_after_unmerge_keeps_the_frozen_entries_merged():
+    model, opt = trained_with_reselection()
+    x, y = batch()
+    opt.zero_grad()
+    F.mse_loss(model(x), y).backward()
+    for _, layer in sk.sparse_layers(model):
+        layer.unmerge_()  # between the backward and the step: no forward merges them first
+    opt.step()
+    assert_merged(model)
+
+
+def test_a_child_named_module_is_part_of_the_model(tmp_path):
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.module, self.head = nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(F.gelu(self.module(x)))
+
+    model = sk.apply_sara(Outer(), sk.SaRAConfig(fraction=0.3))
+    ema = sk.SparseEMA(model)
+    assert set(ema.shadow) == {"module", "head"}
+    opt = sk.SparseAdamW(sk.sparse_parameters(model), lr=1e-2)
+    x = torch.randn(4, 8)
+    for _ in range(2):
+        opt.zero_grad()
+        model(x).sum().backward()
+        opt.step()
+        ema.step()
+    path = str(tmp_path / "state.safetensors")
+    sk.save_training_state(model, path)
+    fresh = sk.apply_sara(Outer(), sk.SaRAConfig(fraction=0.3))
+    sk.load_training_state(fresh, path)
+    assert torch.equal(fresh.head.sparse_delta, model.head.sparse_delta) and model.head.sparse_delta.any()
+
+
+def test_load_training_state_writes_nothing_when_one_layer_does_not_fit(tmp_path):
+    model = sara_net(train_bias=True, **CONFIG)
+    opt = sk.SparseAdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    train(model, opt, 2)
+    path = _save_state(model, tmp_path)
+    fresh = sara_net(train_bias=True, **CONFIG)
+    with torch.no_grad():  # the last layer's pre-trained weights differ a little
+        fresh.fc2.weight.add_(1e-3)
+        fresh.fc2.sparse_base.add_(1e-3)
+    state = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(sk.training_state.TrainingStateError, match="nothing was loaded.*'fc2'"):
+        sk.load_training_state(fresh, path)
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_a_module_already_converted_in_another_model_is_skipped():
+    torch.manual_seed(0)
+    shared = nn.Linear(8, 8)
+    first = sk.apply_sara(nn.Sequential(shared, nn.Linear(8, 8)), sk.SaRAConfig(fraction=0.3))
+    second = nn.Sequential(nn.Linear(8, 8), shared)  # still the dense module, its weight adapted
+    with pytest.warns(UserWarning, match="already adapted by SparseDeltaLinear '0'"):
+        sk.apply_sara(second, sk.SaRAConfig(fraction=0.3))
+    assert isinstance(second[0], SparseDeltaLinear) and type(second[1]) is nn.Linear
+    assert isinstance(first[0], SparseDeltaLinear)

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from sara_kernels import nn as sk_nn
-from sara_kernels.training_state import FILE_NAME, _unwrap, load_training_state, save_training_state
+from sara_kernels.training_state import FILE_NAME, load_training_state, save_training_state
 
 #: The EMA's file in a checkpoint folder.
 EMA_FILE_NAME = "sara_ema.safetensors"
@@ -77,7 +77,11 @@ def save_model_hook(
     """A hook for ``accelerator.register_save_state_pre_hook``: see the module docs."""
 
     def hook(models, weights, output_dir):
-        picked = [(i, _unwrap(m)) for i, m in enumerate(models) if _has_sparse_layers(_unwrap(m))]
+        picked = [
+            (i, sk_nn.unwrap_model(m))
+            for i, m in enumerate(models)
+            if _has_sparse_layers(sk_nn.unwrap_model(m))
+        ]
         folders = _subfolders([m for _, m in picked], subfolders)
         if _is_main_process(accelerator):
             for (_, model), folder in zip(picked, folders, strict=True):
@@ -100,7 +104,11 @@ def load_model_hook(accelerator=None, *, ema=None, subfolders: Sequence[str] | N
     """A hook for ``accelerator.register_load_state_pre_hook``: see the module docs."""
 
     def hook(models, input_dir):
-        picked = [(i, _unwrap(m)) for i, m in enumerate(models) if _has_sparse_layers(_unwrap(m))]
+        picked = [
+            (i, sk_nn.unwrap_model(m))
+            for i, m in enumerate(models)
+            if _has_sparse_layers(sk_nn.unwrap_model(m))
+        ]
         folders = _subfolders([m for _, m in picked], subfolders)
         loaded = []
         for (i, model), folder in zip(picked, folders, strict=True):
