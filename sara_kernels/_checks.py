@@ -76,6 +76,21 @@ def check_same_device(op: str, **tensors: torch.Tensor | None) -> None:
             )
 
 
+def check_range(op: str, index: torch.Tensor, numel: int, name: str = "index") -> None:
+    """Every entry in [0, numel) (one pass; a host sync on CUDA). The reference backend runs it
+    before every read or write whatever the check setting: torch indexing would wrap a negative
+    index to the end, and write part of the result before raising on one out of range."""
+    if index.numel() == 0 or _is_fake(index):
+        return
+    lo, hi = torch.aminmax(index)
+    lo, hi = int(lo), int(hi)
+    if lo < 0 or hi >= numel:
+        raise IndexError(
+            f"sara_kernels.{op}: {name} holds values in [{lo}, {hi}] but must lie in [0, {numel}) "
+            f"(the weight has {numel} entries)"
+        )
+
+
 def check_index(op: str, index: torch.Tensor, numel: int, *, name: str = "index") -> None:
     """index: int32/int64 [k], strictly increasing, every entry in [0, numel)."""
     check_tensor(op, name, index, dtypes=INDEX_DTYPES, dim=1)
@@ -90,15 +105,8 @@ def check_index(op: str, index: torch.Tensor, numel: int, *, name: str = "index"
         return
     if getattr(index, "_sara_kernels_checked", None) == (numel, index._version):
         return  # validated by mark_index_checked and not modified since
-    lo, hi = torch.aminmax(index)
-    ordered = bool((index[1:] > index[:-1]).all()) if index.numel() > 1 else True
-    lo, hi = int(lo), int(hi)
-    if lo < 0 or hi >= numel:
-        raise IndexError(
-            f"sara_kernels.{op}: {name} holds values in [{lo}, {hi}] but must lie in [0, {numel}) "
-            f"(the weight has {numel} entries)"
-        )
-    if not ordered:
+    check_range(op, index, numel, name)
+    if index.numel() > 1 and not bool((index[1:] > index[:-1]).all()):
         raise ValueError(
             f"sara_kernels.{op}: {name} must be sorted in strictly increasing order (no duplicates); "
             "sort it with torch.unique(index) or build it with select_small_magnitude"

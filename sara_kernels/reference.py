@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
+from sara_kernels._checks import check_range
+
 
 def accumulate_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """fp32 accumulation for fp32/fp16/bf16 inputs; fp64 when any input is fp64."""
@@ -20,25 +22,6 @@ def accumulate_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 def index_dtype_for(numel: int) -> torch.dtype:
     return torch.int64 if numel >= 2**31 else torch.int32
-
-
-def check_range(op: str, index: torch.Tensor, numel: int, name: str = "index") -> None:
-    """Every entry in [0, numel), checked before anything is read or written, whatever the index
-    check setting says: torch indexing would wrap a negative index to the end, and write part of
-    the result before raising on one out of range."""
-    if (
-        index.numel() == 0
-        or index.device.type == "meta"
-        or isinstance(index, torch._subclasses.fake_tensor.FakeTensor)
-    ):
-        return
-    lo, hi = torch.aminmax(index)
-    lo, hi = int(lo), int(hi)
-    if lo < 0 or hi >= numel:
-        raise IndexError(
-            f"sara_kernels.{op}: {name} holds values in [{lo}, {hi}] but must lie in [0, {numel}) "
-            f"(the weight has {numel} entries)"
-        )
 
 
 def select_small_magnitude(
