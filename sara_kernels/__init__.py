@@ -8,6 +8,8 @@ Layers and method:
     paper_learning_rate                     lr = 1e-3 * exp(-350 * threshold)
     nuclear_norm_loss                       the low-rank constraint on the deltas ("svd" or "polar")
     save_adapter, load_adapter, merge_and_unload   safetensors adapters, scaling/adding, deployment
+    set_adapters, disable_adapters, delete_adapter, list_adapters
+                                            many resident adapters: switch and mix in O(k) at inference
     SparseEMA                               k-sized EMA of the deltas (diffusers' EMAModel interface)
     save_training_state, load_training_state   checkpoint / resume a run (the trained state only)
     dense_state_dict                        state_dict() of the plain merged model (save_pretrained)
@@ -25,6 +27,7 @@ from sara_kernels._checks import index_checks, set_index_checks
 from sara_kernels._version import __version__
 from sara_kernels.adapter import load_adapter, merge_and_unload, read_adapter, save_adapter
 from sara_kernels.ema import SparseEMA
+from sara_kernels.multi_adapter import delete_adapter, disable_adapters, list_adapters, set_adapters
 from sara_kernels.nn import (
     DeltaParameter,
     SparseDeltaConv2d,
@@ -57,8 +60,11 @@ __all__ = [
     "__version__",
     "apply_sara",
     "backends",
+    "delete_adapter",
     "dense_state_dict",
+    "disable_adapters",
     "index_checks",
+    "list_adapters",
     "load_adapter",
     "load_training_state",
     "merge_and_unload",
@@ -69,6 +75,7 @@ __all__ = [
     "reselect_",
     "save_adapter",
     "save_training_state",
+    "set_adapters",
     "set_index_checks",
     "sparse_layers",
     "sparse_parameters",

@@ -212,17 +212,23 @@ def _is_sparse(module: nn.Module) -> bool:
     return isinstance(module, _SPARSE_TYPES)
 
 
-def _pretrained_state(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """(adapted index int64 sorted, pre-trained values there) of a layer (empty for a dense one)."""
+def _pretrained_state(
+    module: nn.Module, resident: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(adapted index int64 sorted, pre-trained values there) of a layer: its own for a
+    sparse-delta layer, ``resident`` (the entries named adapters own) for a plain one, else empty."""
     weight = module.weight
     if _is_sparse(module):
         index, _, base = module.adapter_state()
         return index.to(torch.int64), base
+    if resident is not None:
+        index, base = resident
+        return index.to(device=weight.device, dtype=torch.int64), base.to(device=weight.device, dtype=weight.dtype)
     return torch.empty(0, dtype=torch.int64, device=weight.device), weight.detach().new_empty(0)
 
 
-def _module_fingerprint(module: nn.Module) -> dict[str, Any]:
-    index, base = _pretrained_state(module)
+def _module_fingerprint(module: nn.Module, resident: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, Any]:
+    index, base = _pretrained_state(module, resident)
     return weight_fingerprint(module.weight, index, base)
 
 
@@ -562,12 +568,14 @@ def load_adapter(
     *,
     combine: bool = False,
     allow_nonfinite: bool = False,
+    adapter_name: str | None = None,
+    replace: bool = False,
 ) -> dict[str, Any]:
     """Load an adapter into ``model``: the adapted weights become ``P + alpha * ΔP``.
 
     Every layer named in the file is looked up in ``model`` by its module name and checked (kind,
     weight shape, fingerprint of its pre-trained weight) before anything is changed, so a failing
-    load leaves the model untouched. Then:
+    load leaves the model untouched. Then, without ``adapter_name``:
 
     * a plain ``nn.Linear``/``nn.Conv2d`` is replaced, in its parent(s), by a sparse-delta layer
       built with ``from_dense(index=file_index)`` (the weight storage is reused) whose delta is
@@ -579,35 +587,62 @@ def load_adapter(
       deltas add on shared entries (entries frozen by progressive re-selection stay frozen and
       receive the file's delta there); the base stays the pre-trained values.
 
+    With ``adapter_name`` (inference: many adapters on one model, see
+    :mod:`sara_kernels.multi_adapter`), the layers stay plain and the adapter stays *resident*
+    as its file's index and delta tensors, so that :func:`~sara_kernels.set_adapters` can switch
+    and mix adapters in O(k) and :func:`~sara_kernels.disable_adapters` restore the base exactly.
+    The loaded adapter becomes active alone at weight ``alpha`` (with ``combine=True``: added to
+    the adapters already active). The model must not hold sparse-delta layers at those names
+    (a model being trained: ``merge_and_unload`` it first).
+
     Entries saved as frozen become trainable after a load into a fresh model (the file records the
     adapted entries, not which of them were frozen).
 
     Args:
-        model: the base model (or a model with sparse-delta layers, see above).
+        model: the base model (or a model with sparse-delta layers, see above), or a diffusers
+            pipeline (its ``unet`` or ``transformer``).
         path: a file written by :func:`save_adapter`.
         alpha: scale of the adapter.
         strict: if True, a layer missing from the model or a pre-trained weight that differs from
             the one the adapter was trained on (fingerprint, or the stored base values) is an error;
             if False, they are reported with :class:`AdapterWarning` (missing layers are skipped,
             mismatching layers loaded anyway). A kind or shape mismatch is always an error.
-        combine: add to an adapter already loaded instead of raising.
+        combine: add to an adapter already loaded (or, with ``adapter_name``, to the active
+            adapters) instead of raising (or of replacing the active set).
         allow_nonfinite: load NaN or infinite deltas (refused by default: they poison every forward).
+        adapter_name: keep the adapter resident under this name (see above).
+        replace: with ``adapter_name``, replace a resident adapter of that name (else an error).
 
     Returns:
         A summary: ``layers`` (names loaded), ``entries`` (adapted entries loaded), ``converted``
         (dense layers replaced), ``combined``, ``skipped`` (missing layers), ``fingerprint_mismatches``,
-        ``alpha``, ``path``.
+        ``alpha``, ``path``, ``adapter_name``.
 
     Raises:
         FileNotFoundError, AdapterError: see :func:`read_adapter`; a layer missing (strict), of
             another kind or weight shape, a different pre-trained weight (strict), or already
-            carrying an adapter (without ``combine``).
+            carrying an adapter (without ``combine``); a name already loaded (without ``replace``).
     """
+    from sara_kernels import multi_adapter
+
+    model = multi_adapter.target_module(model, "load_adapter")
     alpha = float(alpha)
     if not math.isfinite(alpha):
         raise ValueError(f"load_adapter: alpha must be finite, got {alpha}")
+    registry = multi_adapter.registry_of(model)
+    if adapter_name is not None:
+        if not isinstance(adapter_name, str) or not adapter_name:
+            raise ValueError(f"load_adapter: adapter_name must be a non-empty string, got {adapter_name!r}")
+        if registry is not None and adapter_name in registry.adapters and not replace:
+            raise AdapterError(
+                f"load_adapter: an adapter named {adapter_name!r} is already loaded; pass replace=True to "
+                "replace it, or delete_adapter(model, name) first"
+            )
+    elif replace:
+        raise ValueError("load_adapter: replace=True needs an adapter_name")
     records, _, _ = _read_records(path, allow_nonfinite)
     path = os.fspath(path)
+    named = adapter_name is not None
 
     plan: list[tuple[_Record, nn.Module]] = []
     skipped, mismatches = [], []
@@ -633,17 +668,30 @@ def load_adapter(
                 f"load_adapter({path!r}): layer {label}: weight shape differs: the adapter expects "
                 f"{record.weight_shape}, the model has {got_shape}"
             )
-        if _carries_adapter(module) and not combine:
+        resident = registry.resident(record.name) if registry is not None else None
+        if named and _is_sparse(module):
+            raise AdapterError(
+                f"load_adapter({path!r}, adapter_name={adapter_name!r}): layer {label} is a "
+                f"{type(module).__name__} (a model set up for training); named adapters live on plain "
+                "layers: merge_and_unload(model) first, or load without adapter_name"
+            )
+        if not named and resident is not None:
+            raise AdapterError(
+                f"load_adapter({path!r}): layer {label} holds named adapters "
+                f"({', '.join(repr(n) for n in multi_adapter.list_adapters(model))}); load this one with "
+                "adapter_name= too, or merge_and_unload(model) first"
+            )
+        if not named and _carries_adapter(module) and not combine:
             raise AdapterError(
                 f"load_adapter({path!r}): layer {label} already carries an adapter; call "
                 "merge_and_unload first, or pass combine=True to add this one"
             )
         if record.index.numel() and not _is_sparse(module):
-            if module is model:
+            if module is model and not named:
                 raise AdapterError(
                     f"load_adapter({path!r}): the model itself is a plain {type(model).__name__}, which "
-                    "cannot be replaced in place; wrap it (e.g. nn.Sequential) or convert it with "
-                    f"{_KINDS[record.kind][1].__name__}.from_dense first"
+                    "cannot be replaced in place; wrap it (e.g. nn.Sequential), convert it with "
+                    f"{_KINDS[record.kind][1].__name__}.from_dense first, or load it with adapter_name="
                 )
             if module.weight.dtype not in _SPARSE_WEIGHT_DTYPES:
                 raise AdapterError(
@@ -655,9 +703,9 @@ def load_adapter(
                     f"load_adapter({path!r}): layer {label}: the weight is not contiguous (indices "
                     "address weight.view(-1)); call .contiguous() on it first"
                 )
-        diffs = fingerprint_differences(record.fingerprint, _module_fingerprint(module))
+        diffs = fingerprint_differences(record.fingerprint, _module_fingerprint(module, resident))
         if record.base is not None and not diffs:
-            adapted, base = _pretrained_state(module)
+            adapted, base = _pretrained_state(module, resident)
             flat = module.weight.detach().reshape(-1)
             at = record.index.to(device=flat.device, dtype=torch.int64)
             if not torch.equal(_pretrained_at(flat, adapted, base, at).cpu(), record.base):
@@ -676,15 +724,35 @@ def load_adapter(
     names = [r.name for r, _ in plan]
     if len(set(names)) != len(names) or len({id(m) for _, m in plan}) != len(plan):
         raise AdapterError(f"load_adapter({path!r}): two adapter records resolve to the same layer")
+    summary = {
+        "path": path,
+        "alpha": alpha,
+        "layers": names,
+        "entries": int(sum(r.index.numel() for r, _ in plan)),
+        "converted": [],
+        "combined": [],
+        "skipped": skipped,
+        "fingerprint_mismatches": mismatches,
+        "adapter_name": adapter_name,
+    }
+    if named:
+        multi_adapter.add_resident(
+            model,
+            adapter_name,
+            path,
+            [(r.name, m, r.index, r.delta) for r, m in plan if r.index.numel()],
+            alpha,
+            combine=combine,
+            replace=replace,
+        )
+        return summary
 
     parents = sk_nn.module_parents(model)
-    converted, combined, entries = [], [], 0
     for record, module in plan:
-        entries += record.index.numel()
         if _is_sparse(module):
             if record.index.numel() or _carries_adapter(module):
                 if _load_into(module, record, alpha, combine) == "combined":
-                    combined.append(record.name)
+                    summary["combined"].append(record.name)
             continue
         if record.index.numel() == 0:
             continue  # nothing to adapt: keep the dense layer (its fingerprint was checked)
@@ -693,17 +761,8 @@ def load_adapter(
         new = sparse_cls.from_dense(module, index=index, name=record.name)
         new.set_total_delta_(record.delta.to(new.sparse_delta.device) * alpha)
         _replace(parents, module, new)
-        converted.append(record.name)
-    return {
-        "path": path,
-        "alpha": alpha,
-        "layers": names,
-        "entries": int(entries),
-        "converted": converted,
-        "combined": combined,
-        "skipped": skipped,
-        "fingerprint_mismatches": mismatches,
-    }
+        summary["converted"].append(record.name)
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------
@@ -735,17 +794,26 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """Replace every sparse-delta layer by a plain ``nn.Linear``/``nn.Conv2d`` with the merged weight.
 
     The weight Parameter (and its storage) is reused, not copied, and requires grad again, like a
-    fresh dense layer; bias, hooks and the training flag carry over.
+    fresh dense layer; bias, hooks and the training flag carry over. Named adapters
+    (``load_adapter(..., adapter_name=)``) are dropped and the active combination stays in the
+    weights, as ``fuse_lora`` + ``unload_lora_weights`` would leave them.
 
     Args:
-        model: a model with sparse-delta layers, or one sparse-delta layer.
+        model: a model with sparse-delta layers or named adapters, one sparse-delta layer, or a
+            diffusers pipeline (its ``unet`` / ``transformer``, which is returned).
 
     Returns:
         ``model`` with its layers replaced in place; when ``model`` is itself a sparse-delta layer,
         the new plain layer (use the return value).
     """
+    from sara_kernels import multi_adapter
+
     if _is_sparse(model):
         return _unload(model)
+    target = multi_adapter.target_module(model, "merge_and_unload")
+    multi_adapter.drop_registry(target)  # named adapters: the active combination stays in the weights
+    if not isinstance(model, nn.Module):
+        model = target  # a pipeline: its unet / transformer
     parents = sk_nn.module_parents(model)
     for module in list(model.modules()):
         if _is_sparse(module) and id(module) in parents:

@@ -559,6 +559,14 @@ def apply_sara(model: nn.Module, config: SaRAConfig | None = None) -> nn.Module:
     config = config if config is not None else SaRAConfig()
     if not isinstance(config, SaRAConfig):
         raise TypeError(f"apply_sara: config must be a SaRAConfig, got {type(config).__name__}")
+    from sara_kernels.multi_adapter import list_adapters, registry_of
+
+    if registry_of(sk_nn.unwrap_model(model)) is not None:
+        raise ValueError(
+            "apply_sara: the model holds named adapters "
+            f"({', '.join(repr(n) for n in list_adapters(model))}); merge_and_unload(model) to train on top "
+            "of the active combination, or delete_adapter them to train the base"
+        )
     groups, skipped = _plan(model, config)
     weights = [group[0].module.weight for group in groups]
     targeted_entries = sum(w.numel() for w in weights)
