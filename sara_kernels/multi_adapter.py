@@ -84,7 +84,8 @@ class _Slot:
 class _Resident:
     name: str
     path: str
-    layers: dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer name -> (index [k] sorted, delta [k] fp32)
+    #: layer name -> (positions [k] into the slot's union index, sorted; delta [k] fp32)
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor]]
 
     @property
     def entries(self) -> int:
@@ -226,63 +227,71 @@ def _sync(registry: AdapterRegistry, slot: _Slot, fn: str, root: nn.Module) -> N
         slot.index = slot.index.to(device)
         for name in slot.adapters:
             layers = registry.adapters[name].layers
-            index, delta = layers[slot.name]
-            layers[slot.name] = (index.to(device), delta.to(device))
+            positions, delta = layers[slot.name]
+            layers[slot.name] = (positions.to(device), delta.to(device))
 
 
 def _holds_expected(registry: AdapterRegistry, slot: _Slot, weight: torch.Tensor) -> bool:
     """Whether ``weight`` holds, at the slot's entries, the active combination as the registry
     wrote it (cast to the weight's dtype if that changed since): O(U)."""
     with torch.no_grad():
-        index = slot.index.to(weight.device)
-        total = torch.zeros(index.numel(), dtype=torch.float32, device=weight.device)
-        for name, w in registry.active.items():
-            if name in slot.adapters:
-                a_index, a_delta = registry.adapters[name].layers[slot.name]
-                total.index_add_(
-                    0, torch.searchsorted(index, a_index.to(weight.device)), a_delta.to(weight.device) * w
-                )
-        base = slot.base.to(weight.device)
+        device = weight.device
+        total = torch.zeros(slot.index.numel(), dtype=torch.float32, device=device)
+        for name in slot.adapters:
+            if name in registry.active:
+                w = registry.active[name]
+                positions, delta = registry.adapters[name].layers[slot.name]
+                total.index_add_(0, positions.to(device), delta.to(device) * w)
+        base = slot.base.to(device)
         expected = (base.float() + total).to(base.dtype).to(weight.dtype)
-        return bool(torch.equal(weight.detach().reshape(-1)[index.long()], expected))
+        return bool(torch.equal(weight.detach().reshape(-1)[slot.index.to(device)], expected))
 
 
 def _write(registry: AdapterRegistry, slot: _Slot, old: dict[str, float], new: dict[str, float]) -> None:
-    """Make the weight ``base + Σ w·Δ`` over ``new`` at the entries of ``old ∪ new`` (the others
-    already hold their pre-trained values)."""
-    layers = {n: registry.adapters[n].layers[slot.name] for n in slot.adapters if n in old or n in new}
-    if not layers:
+    """Make the weight ``base + Σ w·Δ`` over ``new``, writing only the entries of the adapters in
+    ``old`` or ``new`` (every other entry already holds its pre-trained value).
+
+    Two passes, each a gather of k compact values and a scatter into the weight: the entries of
+    the adapters leaving the combination get their pre-trained values back, then those of the
+    combination are merged (an entry in both is written twice; the switch holds the lock, no
+    forward sees the middle). A single adapter needs no union arithmetic; a mix sums its deltas in
+    fp32 over the slot's union first, so each entry is rounded once.
+    """
+    adapters = registry.adapters
+    leaving = [n for n in old if n not in new and n in slot.adapters]
+    active = [
+        (n, new[n]) for n in slot.adapters if n in new
+    ]  # load order: the sum does not depend on the call's order
+    if not leaving and not active:
         return
     weight = slot.module.weight
-    active = [(n, w) for n, w in new.items() if n in layers]
     with torch.no_grad():
-        if len(layers) == 1:
-            # One adapter's entries: no union to build.
-            ((name, (index, delta)),) = layers.items()
-            base = slot.base[torch.searchsorted(slot.index, index)]
-            if active:
-                sk.scatter_merge_(weight, index, base, delta * active[0][1])
+        for name in leaving:
+            positions = adapters[name].layers[slot.name][0]
+            sk.restore_(weight, slot.index[positions], slot.base[positions])
+        if len(active) == 1:
+            name, w = active[0]
+            positions, delta = adapters[name].layers[slot.name]
+            sk.scatter_merge_(weight, slot.index[positions], slot.base[positions], delta * w)
+        elif active:
+            size, device = slot.index.numel(), slot.index.device
+            total = torch.zeros(size, dtype=torch.float32, device=device)
+            # Every resident adapter active: the whole union; else only the entries they own.
+            touched = (
+                None
+                if len(active) == len(slot.adapters)
+                else torch.zeros(size, dtype=torch.bool, device=device)
+            )
+            for name, w in active:
+                positions, delta = adapters[name].layers[slot.name]
+                total.index_add_(0, positions, delta * w)
+                if touched is not None:
+                    touched[positions] = True
+            if touched is None:
+                sk.scatter_merge_(weight, slot.index, slot.base, total)
             else:
-                sk.restore_(weight, index, base)
-        else:
-            positions = {n: torch.searchsorted(slot.index, index) for n, (index, _) in layers.items()}
-            if len(layers) == len(slot.adapters):
-                index, base, local = slot.index, slot.base, positions
-            else:
-                touched = torch.zeros(slot.index.numel(), dtype=torch.bool, device=slot.index.device)
-                for p in positions.values():
-                    touched[p] = True
-                rank = torch.cumsum(touched, 0, dtype=torch.int64) - 1
                 where = touched.nonzero().squeeze(1)
-                index, base = slot.index[where], slot.base[where]
-                local = {n: rank[p] for n, p in positions.items()}
-            if active:
-                total = torch.zeros(index.numel(), dtype=torch.float32, device=index.device)
-                for n, w in active:
-                    total.index_add_(0, local[n], layers[n][1] * w)
-                sk.scatter_merge_(weight, index, base, total)
-            else:
-                sk.restore_(weight, index, base)
+                sk.scatter_merge_(weight, slot.index[where], slot.base[where], total[where])
     slot.version, slot.weight_ref = weight._version, weakref.ref(weight)
 
 
@@ -367,7 +376,8 @@ def _add(model, registry, name, path, plan, weight, combine) -> None:
     for layer_name, module, index, delta in plan:
         weight_tensor = module.weight
         device = weight_tensor.device
-        index = index.to(device=device, dtype=_index_dtype(weight_tensor.numel()))
+        index_dtype = _index_dtype(weight_tensor.numel())
+        index = index.to(device=device, dtype=index_dtype)
         delta = delta.to(device=device, dtype=torch.float32)
         flat = weight_tensor.detach().view(-1)
         slot = registry.slots.get(layer_name)
@@ -377,7 +387,7 @@ def _add(model, registry, name, path, plan, weight, combine) -> None:
                 layer_name,
                 module,
                 index.clone(),
-                flat[index.long()].clone(),
+                flat[index].clone(),
                 weight_tensor._version,
                 weight_ref=weakref.ref(weight_tensor),
             )
@@ -387,11 +397,19 @@ def _add(model, registry, name, path, plan, weight, combine) -> None:
             if fresh.numel():
                 # Entries no resident adapter owns hold their pre-trained values.
                 union = torch.cat([slot.index, fresh])
-                base = torch.cat([slot.base, flat[fresh.long()]])
+                base = torch.cat([slot.base, flat[fresh]])
                 order = torch.argsort(union)
+                moved = torch.empty_like(order)
+                moved[order] = torch.arange(order.numel(), device=order.device)
                 slot.index, slot.base = union[order], base[order]
+                for other in slot.adapters:  # their positions into the grown union
+                    positions, other_delta = registry.adapters[other].layers[layer_name]
+                    registry.adapters[other].layers[layer_name] = (
+                        moved[positions].to(index_dtype),
+                        other_delta,
+                    )
         slot.adapters.append(name)
-        layers[layer_name] = (index, delta)
+        layers[layer_name] = (torch.searchsorted(slot.index, index).to(index_dtype), delta)
     registry.adapters[name] = _Resident(name, path, layers)
     new = dict(registry.active) if combine else {}
     new[name] = weight
@@ -409,10 +427,16 @@ def _delete(model: nn.Module, registry: AdapterRegistry, name: str, fn: str) -> 
             del registry.slots[layer_name]
             continue
         # Drop the entries only this adapter owned (they hold their pre-trained values now).
-        kept = torch.cat([registry.adapters[n].layers[layer_name][0] for n in slot.adapters])
-        keep = torch.isin(slot.index, kept)
-        if not bool(keep.all()):
-            slot.index, slot.base = slot.index[keep], slot.base[keep]
+        keep = torch.zeros(slot.index.numel(), dtype=torch.bool, device=slot.index.device)
+        for other in slot.adapters:
+            keep[registry.adapters[other].layers[layer_name][0]] = True
+        if bool(keep.all()):
+            continue
+        rank = torch.cumsum(keep, 0) - 1
+        slot.index, slot.base = slot.index[keep], slot.base[keep]
+        for other in slot.adapters:
+            positions, delta = registry.adapters[other].layers[layer_name]
+            registry.adapters[other].layers[layer_name] = (rank[positions].to(positions.dtype), delta)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -443,8 +467,9 @@ def set_adapters(
 
     Only the entries of the adapters active before and after the call are written (O(k) per
     switch, no dense pass); the forward afterwards runs at the base model's speed. Everything is
-    checked before anything is written. Adapters add on shared entries in fp32, and each weight
-    is rounded once (``(base + Σ wᵢΔᵢ).to(weight.dtype)``), exactly as loading them with
+    checked before anything is written. Adapters add on shared entries in fp32, in the order they
+    were loaded (whatever the order of ``names``), and each weight is rounded once
+    (``(base + Σ wᵢΔᵢ).to(weight.dtype)``), exactly as loading them in that order with
     ``load_adapter(alpha=wᵢ, combine=True)`` and ``merge_and_unload`` does.
 
     Args:

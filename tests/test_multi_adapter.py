@@ -45,10 +45,11 @@ def three(request, tmp_path):
 
 
 def _oracle(base, paths, combo) -> nn.Module:
-    """The weights of ``combo`` ({name: w}) through load_adapter(combine=True) + merge_and_unload."""
+    """The weights of ``combo`` ({name: w}) through load_adapter(combine=True) + merge_and_unload,
+    loading in the order of ``paths`` (the load order of the model under test)."""
     model = copy.deepcopy(base)
-    for i, (name, w) in enumerate(combo.items()):
-        load_adapter(model, paths[name], alpha=w, combine=i > 0)
+    for i, name in enumerate(n for n in paths if n in combo):
+        load_adapter(model, paths[name], alpha=combo[name], combine=i > 0)
     return merge_and_unload(model)
 
 
@@ -76,7 +77,7 @@ def test_every_combination_equals_merge_and_unload(three):
         {"b": 0.5, "c": -0.7},
         {"a": 1.0, "b": 1.0, "c": 1.0},
         {"c": 0.3},
-        {"c": 0.3, "a": 2.0},  # order of the sum: as given
+        {"c": 0.3, "a": 2.0},  # the sum runs in load order (a, then c) whatever the order given
         {"b": 0.0},
     ]
     for combo in combos:
@@ -104,6 +105,33 @@ def test_disable_restores_the_base_bit_for_bit_after_any_sequence(three):
     assert _same_weights(model, _oracle(base, paths, dict(zip(chosen, weights, strict=True))))
     sk.disable_adapters(model)
     assert _same_weights(model, base)
+
+
+def test_random_loads_deletes_and_switches(tmp_path):
+    """The positions each adapter keeps into its layers' union move when another adapter is loaded
+    (the union grows) or deleted (it shrinks): every state must still be the oracle's."""
+    base = _base_model()
+    paths = {n: _save(tmp_path, base, seed, n) for seed, n in enumerate("pqrst", 1)}
+    model = copy.deepcopy(base)
+    rng = random.Random(3)
+    resident: list[str] = []  # load order
+    for step in range(60):
+        action = rng.choice(["load", "delete", "switch", "switch"])
+        if action == "load" and len(resident) < len(paths):
+            name = rng.choice([n for n in paths if n not in resident])
+            load_adapter(model, paths[name], adapter_name=name, alpha=0.5, combine=rng.random() < 0.5)
+            resident.append(name)
+        elif action == "delete" and resident:
+            name = rng.choice(resident)
+            sk.delete_adapter(model, name)
+            resident.remove(name)
+        elif resident:
+            chosen = rng.sample(resident, rng.randint(0, len(resident)))
+            sk.set_adapters(model, chosen, [rng.choice([1.0, -0.5, 2.0]) for _ in chosen])
+        active = {n: v["weight"] for n, v in sk.list_adapters(model).items() if v["active"]}
+        assert list(sk.list_adapters(model)) == resident
+        in_load_order = {n: paths[n] for n in resident}
+        assert _same_weights(model, _oracle(base, in_load_order, active) if active else base), (step, active)
 
 
 def test_a_named_load_is_active_alone_or_added_with_combine(three):
@@ -176,7 +204,7 @@ def test_delete_adapter(three):
         sk.delete_adapter(model, "a")
     registry = multi_adapter.registry_of(model)
     for name in LAYERS:  # the union shrank to the entries b and c own
-        owned = torch.unique(torch.cat([registry.adapters[n].layers[name][0] for n in ("b", "c")]))
+        owned = torch.unique(torch.cat([sk.read_adapter(paths[n])[0][f"{name}.index"] for n in ("b", "c")]))
         assert torch.equal(registry.slots[name].index, owned)
     sk.delete_adapter(model, ["b", "c"])
     assert _same_weights(model, base)
