@@ -103,7 +103,7 @@ def check_index(op: str, index: torch.Tensor, numel: int, *, name: str = "index"
         return
     if torch.compiler.is_compiling():
         return
-    if getattr(index, "_sara_kernels_checked", None) == (numel, index._version):
+    if getattr(index, "_sara_kernels_checked", None) == (numel, _version(index)):
         return  # validated by mark_index_checked and not modified since
     check_range(op, index, numel, name)
     if index.numel() > 1 and not bool((index[1:] > index[:-1]).all()):
@@ -120,11 +120,11 @@ def mark_index_checked(index: torch.Tensor, numel: int) -> None:
     host sync on CUDA) until the tensor is modified in place (its version counter changes).
     """
     previous = getattr(index, "_sara_kernels_checked", None)
-    if previous == (numel, index._version):
+    if previous == (numel, _version(index)):
         return
     with index_checks(True):
         check_index("mark_index_checked", index, numel)
-    index._sara_kernels_checked = (numel, index._version)
+    remember_index_checked(index, numel)
 
 
 def check_finite(op: str, **values: float) -> None:
@@ -189,7 +189,14 @@ def check_no_overlap(op: str, written: dict[str, torch.Tensor], read: dict[str, 
 def remember_index_checked(index: torch.Tensor, numel: int) -> None:
     """Record that the caller validated ``index`` for a weight of ``numel`` entries (range and
     strictly increasing order), as :func:`mark_index_checked` does after validating it."""
-    index._sara_kernels_checked = (numel, index._version)
+    if not index.is_inference():  # an inference tensor has no version counter: checked every call
+        index._sara_kernels_checked = (numel, index._version)
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """The version counter, or None for an inference tensor (``torch.inference_mode``), which has
+    none (so a remembered check never matches it)."""
+    return None if t.is_inference() else t._version
 
 
 def check_contiguous_weight(op: str, weight: torch.Tensor, name: str = "weight") -> None:

@@ -354,6 +354,12 @@ def add_resident(
                 _sync(registry, slot, fn, model)
             owners = {id(slot.module.weight): slot.name for slot in registry.slots.values()}
             for layer_name, module, _, _ in plan:
+                if module.weight.is_inference():
+                    raise AdapterError(
+                        f"{fn}: the weight of layer {layer_name!r} is an inference tensor (the model was "
+                        "built or loaded under torch.inference_mode), which does not record writes; "
+                        "build the model outside inference_mode (switching inside it is fine)"
+                    )
                 other = owners.setdefault(id(module.weight), layer_name)
                 if other != layer_name:
                     raise AdapterError(

@@ -145,3 +145,28 @@ def test_trainer_overhead_benchmark_quick_runs():
     assert {row["rule"] for row in report["apply_sara"]} == {"threshold", "global fraction", "per-layer fraction"}
     assert all(row["seconds"] > 0 for row in report["apply_sara"])
     assert set(report["host_us"]) >= {"forward check (merged layer), per layer"}
+
+
+def test_adapter_switch_benchmark_quick_runs(tmp_path):
+    pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
+    out = tmp_path / "switch.json"
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_adapter_switch.py"), "--workload", "tiny"]
+        + ["--repeats", "1", "--switches", "2", "--no-chart", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert set(rows) == {"sara", "lora"}
+    for row in rows.values():
+        assert row["base_restored_checksum_equal"] is True
+        assert row["switch_single_ms"]["median"] > 0 and row["forward_mix_ms"]["median"] > 0
+    sara = rows["sara"]
+    # Each resident SaRA adapter is its file's index + delta: 8 bytes per entry.
+    assert [
+        b / e for b, e in zip(sara["resident_bytes_per_adapter"], sara["entries_per_adapter"], strict=True)
+    ] == [8.0] * 3

@@ -438,3 +438,20 @@ def test_progressive_reselection_refuses_a_schedule_that_never_fires(kwargs, wor
     model = sk_top.apply_sara(nn.Sequential(nn.Linear(8, 8)), sk_top.SaRAConfig(fraction=0.2))
     with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
         sk_top.ProgressiveReselection(model, None, **kwargs)
+
+
+def test_ops_accept_inference_tensors():
+    """Tensors made under torch.inference_mode have no version counter; the remembered-check cache
+    must not read one (it raised RuntimeError before)."""
+    weight = torch.randn(7, 9)
+    base = weight.reshape(-1)[[1, 4, 20, 62]].clone()
+    with torch.inference_mode():
+        index = torch.tensor([1, 4, 20, 62], dtype=torch.int32)
+        delta = torch.randn(4)
+        sk.scatter_merge_(weight, index, base, delta)
+        assert torch.equal(weight.reshape(-1)[index.long()], base + delta)
+        sk.restore_(weight, index, base)
+        assert torch.equal(weight.reshape(-1)[index.long()], base)
+        bad = torch.tensor([4, 1], dtype=torch.int32)
+        with pytest.raises(ValueError, match="strictly increasing"):
+            sk.restore_(weight, bad, base[:2])

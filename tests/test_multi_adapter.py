@@ -282,6 +282,25 @@ def test_dtype_cast_after_loading(tmp_path):
         assert torch.equal(model.get_submodule(name).weight, want), name
 
 
+def test_inside_inference_mode(three):
+    base, paths = three
+    model = copy.deepcopy(base)
+    with torch.inference_mode():  # how servers run: loads and switches inside inference_mode
+        load_adapter(model, paths["a"], adapter_name="a")
+        load_adapter(model, paths["b"], adapter_name="b", combine=True)
+        model(_input(base[0].weight.dtype))
+    assert _same_weights(model, _oracle(base, paths, {"a": 1.0, "b": 1.0}))
+    sk.set_adapters(model, "b")
+    with torch.inference_mode():
+        sk.disable_adapters(model)
+    assert _same_weights(model, base)
+    with torch.inference_mode():
+        frozen = copy.deepcopy(base)
+        frozen[0].weight = nn.Parameter(frozen[0].weight.detach().clone())  # an inference tensor
+        with pytest.raises(AdapterError, match=r"the weight of layer '0' is an inference tensor"):
+            load_adapter(frozen, paths["a"], adapter_name="a")
+
+
 def test_deepcopy_and_torch_save_keep_working(three):
     base, paths = three
     model = _load_all(base, paths)
