@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sara_kernels import _checks
 from sara_kernels import ops as sk
 from sara_kernels.nn import unwrap_model
 
@@ -73,6 +74,7 @@ class _Slot:
     version: int  # weight._version after the registry's last write (or when the slot was made)
     adapters: list[str] = field(default_factory=list)  # names resident on this layer, load order
     weight_ref: Any = None  # weakref to the weight tensor ``version`` belongs to
+    shape: tuple[int, ...] = ()  # the weight's shape at the load
 
     def __getstate__(self):  # deepcopy / pickle: a weakref does not travel (the copy re-verifies)
         state = self.__dict__.copy()
@@ -204,8 +206,15 @@ def _sync(registry: AdapterRegistry, slot: _Slot, fn: str, root: nn.Module) -> N
             "delete the adapters and load them again"
         )
     weight = slot.module.weight
-    if not isinstance(weight, torch.Tensor) or not weight.is_contiguous():
-        raise RuntimeError(f"{fn}: the weight of layer {label} is no longer a contiguous tensor")
+    if (
+        not isinstance(weight, torch.Tensor)
+        or not weight.is_contiguous()
+        or tuple(weight.shape) != slot.shape
+    ):
+        raise RuntimeError(
+            f"{fn}: the weight of layer {label} is no longer a contiguous tensor of shape {slot.shape} "
+            f"(got {tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__})"
+        )
     if slot.weight_ref is None or slot.weight_ref() is not weight:
         # A new weight tensor (a deep copy, an unpickled model, load_state_dict(assign=True)) is
         # accepted when it holds what the registry last wrote at every resident entry.
@@ -265,16 +274,22 @@ def _write(registry: AdapterRegistry, slot: _Slot, old: dict[str, float], new: d
     if not leaving and not active:
         return
     weight = slot.module.weight
-    with torch.no_grad():
+    index, base = slot.index, slot.base
+    # The positions index the slot's union, whose entries were range- and order-checked when the
+    # adapters were read (and the weight's size is checked by _sync): the ops' per-call index
+    # pass (about a third of a switch) is skipped.
+    with torch.no_grad(), _checks.index_checks(False):
         for name in leaving:
             positions = adapters[name].layers[slot.name][0]
-            sk.restore_(weight, slot.index[positions], slot.base[positions])
+            sk.restore_(weight, index.index_select(0, positions), base.index_select(0, positions))
         if len(active) == 1:
             name, w = active[0]
             positions, delta = adapters[name].layers[slot.name]
-            sk.scatter_merge_(weight, slot.index[positions], slot.base[positions], delta * w)
+            sk.scatter_merge_(
+                weight, index.index_select(0, positions), base.index_select(0, positions), delta * w
+            )
         elif active:
-            size, device = slot.index.numel(), slot.index.device
+            size, device = index.numel(), index.device
             total = torch.zeros(size, dtype=torch.float32, device=device)
             # Every resident adapter active: the whole union; else only the entries they own.
             touched = (
@@ -288,10 +303,10 @@ def _write(registry: AdapterRegistry, slot: _Slot, old: dict[str, float], new: d
                 if touched is not None:
                     touched[positions] = True
             if touched is None:
-                sk.scatter_merge_(weight, slot.index, slot.base, total)
+                sk.scatter_merge_(weight, index, base, total)
             else:
                 where = touched.nonzero().squeeze(1)
-                sk.scatter_merge_(weight, slot.index[where], slot.base[where], total[where])
+                sk.scatter_merge_(weight, index[where], base[where], total[where])
     slot.version, slot.weight_ref = weight._version, weakref.ref(weight)
 
 
@@ -396,6 +411,7 @@ def _add(model, registry, name, path, plan, weight, combine) -> None:
                 flat[index].clone(),
                 weight_tensor._version,
                 weight_ref=weakref.ref(weight_tensor),
+                shape=tuple(weight_tensor.shape),
             )
             registry.slots[layer_name] = slot
         else:

@@ -422,6 +422,13 @@ def test_a_replaced_layer_is_refused(three):
     model[6] = nn.Linear(11, 13)
     with pytest.raises(RuntimeError, match=r"layer '6' was replaced since its adapters were loaded"):
         sk.set_adapters(model, "a")
+    model = _load_all(base, paths)
+    model[4].weight.data = torch.zeros(3, 5, dtype=base[0].weight.dtype)  # resized: the indices would not fit
+    with pytest.raises(
+        RuntimeError,
+        match=r"the weight of layer '4' is no longer a contiguous tensor of shape \(11, 112\) \(got \(3, 5\)\)",
+    ):
+        sk.disable_adapters(model)
 
 
 def test_tied_weights_are_refused_for_named_adapters(tmp_path):
