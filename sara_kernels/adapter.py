@@ -21,7 +21,8 @@ dataclass), ``layers`` (JSON list of the layer names) and, per layer, ``layer/<n
 record with the layer kind (``linear``/``conv2d``), the weight shape and dtype, the entry count, a
 SHA-256 of the layer's stored tensors (to detect corruption) and a *fingerprint* of the pre-trained
 weight (see :func:`weight_fingerprint`), checked when the adapter is loaded so that an adapter is not
-silently applied to a different base model.
+silently applied to a different base model (the fingerprint also hashes its sample cast to the other
+float dtypes, so an adapter trained on fp32 weights matches the same base loaded in fp16 or bf16).
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ FINGERPRINT_SCHEME = "strided-sample-sha256+abs-sum-fp64/1"
 FINGERPRINT_SAMPLES = 65_536
 #: Relative tolerance of the fp64 sum of ``|w|`` (summation order differs across devices).
 ABS_SUM_RTOL = 1e-6
+#: Relative tolerance of the sum of ``|w|`` between a weight and its cast to another float dtype
+#: (round to nearest: each entry moves by at most half an ulp, 2**-8 of its magnitude in bf16).
+CAST_ABS_SUM_RTOL = 2.0**-8
+#: Float dtypes a fingerprint also hashes its sample in (see ``sample_sha256_as``).
+_CAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: Entries per chunk for the fp64 sum of ``|w|`` (bounds the temporary memory to 32 MiB).
 _CHUNK = 1 << 22
 
@@ -168,6 +174,15 @@ def weight_fingerprint(
         "dtype": _dtype_name(weight.dtype),
         "sample_count": int(positions.numel()),
         "sample_sha256": hashlib.sha256(sample_bytes).hexdigest(),
+        # The same sample cast to the other float dtypes: a model loaded in fp16/bf16 (or fp32)
+        # matches an adapter trained in another dtype when its weights are the cast ones.
+        "sample_sha256_as": {
+            _dtype_name(dtype): hashlib.sha256(
+                sample.to(dtype).cpu().contiguous().view(torch.uint8).numpy().tobytes()
+            ).hexdigest()
+            for dtype in _CAST_DTYPES
+            if dtype != weight.dtype
+        },
         "abs_sum": float(total),
         "sara_kernels_version": __version__,
     }
@@ -181,9 +196,18 @@ def fingerprint_differences(expected: dict[str, Any], got: dict[str, Any]) -> li
         return diffs
     if list(expected.get("shape", [])) != list(got.get("shape", [])):
         diffs.append(f"weight shape {tuple(expected.get('shape', []))} vs {tuple(got.get('shape', []))}")
+    rtol = ABS_SUM_RTOL
     if expected.get("dtype") != got.get("dtype"):
-        diffs.append(f"weight dtype {expected.get('dtype')} vs {got.get('dtype')}")
-    if (expected.get("sample_count"), expected.get("sample_sha256")) != (
+        cast = (expected.get("sample_sha256_as") or {}).get(got.get("dtype"))
+        if not isinstance(cast, str):  # a file from before the cast hashes, or another dtype
+            diffs.append(f"weight dtype {expected.get('dtype')} vs {got.get('dtype')}")
+        elif (expected.get("sample_count"), cast) != (got.get("sample_count"), got.get("sample_sha256")):
+            diffs.append(
+                f"sampled entries differ from the adapter's pre-trained weights cast to {got.get('dtype')} "
+                f"(the adapter was trained on {expected.get('dtype')} weights)"
+            )
+        rtol = CAST_ABS_SUM_RTOL
+    elif (expected.get("sample_count"), expected.get("sample_sha256")) != (
         got.get("sample_count"),
         got.get("sample_sha256"),
     ):
@@ -192,8 +216,8 @@ def fingerprint_differences(expected: dict[str, Any], got: dict[str, Any]) -> li
             f"{str(expected.get('sample_sha256'))[:12]}... vs {str(got.get('sample_sha256'))[:12]}...)"
         )
     a, b = float(expected.get("abs_sum", math.nan)), float(got.get("abs_sum", math.nan))
-    if not (abs(a - b) <= ABS_SUM_RTOL * max(abs(a), abs(b)) or a == b):
-        diffs.append(f"sum of |w| {a!r} vs {b!r} (relative tolerance {ABS_SUM_RTOL})")
+    if not (abs(a - b) <= rtol * max(abs(a), abs(b)) or a == b):
+        diffs.append(f"sum of |w| {a!r} vs {b!r} (relative tolerance {rtol})")
     return diffs
 
 
@@ -698,17 +722,20 @@ def load_adapter(
                     f"load_adapter({path!r}): layer {label}: weight dtype {module.weight.dtype} cannot carry "
                     "an adapter (fp32, bf16 or fp16 only)"
                 )
-            if not module.weight.is_contiguous():
+            if not named and not module.weight.is_contiguous():
                 raise AdapterError(
-                    f"load_adapter({path!r}): layer {label}: the weight is not contiguous (indices "
-                    "address weight.view(-1)); call .contiguous() on it first"
+                    f"load_adapter({path!r}): layer {label}: the weight is not contiguous (e.g. "
+                    "channels_last; the indices address the row-major weight.view(-1)): call "
+                    "model.to(memory_format=torch.contiguous_format) first, or load it with adapter_name= "
+                    "(named adapters work in any layout)"
                 )
         diffs = fingerprint_differences(record.fingerprint, _module_fingerprint(module, resident))
         if record.base is not None and not diffs:
             adapted, base = _pretrained_state(module, resident)
             flat = module.weight.detach().reshape(-1)
             at = record.index.to(device=flat.device, dtype=torch.int64)
-            if not torch.equal(_pretrained_at(flat, adapted, base, at).cpu(), record.base):
+            pretrained = _pretrained_at(flat, adapted, base, at).cpu()
+            if not torch.equal(pretrained, record.base.to(pretrained.dtype)):  # a cast model: cast base
                 diffs.append("the stored pre-trained values (base) differ from the model's")
         if diffs:
             message = (

@@ -559,13 +559,16 @@ def apply_sara(model: nn.Module, config: SaRAConfig | None = None) -> nn.Module:
     config = config if config is not None else SaRAConfig()
     if not isinstance(config, SaRAConfig):
         raise TypeError(f"apply_sara: config must be a SaRAConfig, got {type(config).__name__}")
-    from sara_kernels.multi_adapter import list_adapters, registry_of
+    from sara_kernels.multi_adapter import holds_adapters, list_adapters
 
-    if registry_of(sk_nn.unwrap_model(model)) is not None:
+    holders = holds_adapters(sk_nn.unwrap_model(model))
+    if holders:
+        where = holders[0]
+        names = list_adapters(sk_nn.unwrap_model(model).get_submodule(where))
         raise ValueError(
-            "apply_sara: the model holds named adapters "
-            f"({', '.join(repr(n) for n in list_adapters(model))}); merge_and_unload(model) to train on top "
-            "of the active combination, or delete_adapter them to train the base"
+            f"apply_sara: {'the model' if not where else repr(where)} holds named adapters "
+            f"({', '.join(repr(n) for n in names)}); merge_and_unload it to train on top of the active "
+            "combination, or delete_adapter them to train the base"
         )
     groups, skipped = _plan(model, config)
     weights = [group[0].module.weight for group in groups]

@@ -505,7 +505,36 @@ def test_fingerprint_tolerance():
     diffs = A.fingerprint_differences(fp, {**fp, "abs_sum": fp["abs_sum"] * (1 + 1e-4)})
     assert len(diffs) == 1 and "sum of |w|" in diffs[0]
     diffs = A.fingerprint_differences(fp, {**fp, "dtype": "bfloat16", "sample_sha256": "0" * 64})
-    assert any("dtype float32 vs bfloat16" in d for d in diffs) and any("sampled" in d for d in diffs)
+    assert diffs == [
+        "sampled entries differ from the adapter's pre-trained weights cast to bfloat16 (the adapter "
+        "was trained on float32 weights)"
+    ]
+    old_file = {k: v for k, v in fp.items() if k != "sample_sha256_as"}  # written before the cast hashes
+    diffs = A.fingerprint_differences(old_file, {**fp, "dtype": "bfloat16", "sample_sha256": "0" * 64})
+    assert diffs == ["weight dtype float32 vs bfloat16"]
+
+
+@pytest.mark.parametrize("model_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("named", [False, True], ids=["plain", "named"])
+def test_an_adapter_loads_into_the_base_cast_to_half_precision(tmp_path, model_dtype, named):
+    """from_pretrained(torch_dtype=fp16) + an adapter trained in fp32: the fingerprint matches the
+    cast weights (it was refused as a different base model before); another base is still refused."""
+    base = _base_model()
+    save_adapter(_adapted(base), tmp_path / "a.safetensors")
+    save_adapter(_adapted(base), tmp_path / "with_base.safetensors", include_base=True)
+    kwargs = {"adapter_name": "a"} if named else {}
+    for file in ("a", "with_base"):
+        model = copy.deepcopy(base).to(model_dtype)
+        summary = load_adapter(model, tmp_path / f"{file}.safetensors", **kwargs)
+        assert summary["fingerprint_mismatches"] == []
+        tensors, _ = read_adapter(tmp_path / f"{file}.safetensors")
+        for name in LAYERS:
+            pre = base.get_submodule(name).weight.to(model_dtype)
+            want = _manual_weight(pre, [(1.0, tensors[f"{name}.index"], tensors[f"{name}.delta"])])
+            assert torch.equal(model.get_submodule(name).weight, want), name
+    other = _base_model(seed=4).to(model_dtype)
+    with pytest.raises(AdapterError, match="sampled entries differ from the adapter's pre-trained weights cast to"):
+        load_adapter(other, tmp_path / "a.safetensors", **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,10 +9,12 @@ adapters with ``load_adapter(alpha=w, combine=True)`` into a fresh copy of the b
 from __future__ import annotations
 
 import copy
+import gc
 import io
 import random
 import threading
 import types
+import weakref
 
 import pytest
 import torch
@@ -21,7 +23,7 @@ from torch import nn
 
 import sara_kernels as sk
 from sara_kernels import multi_adapter
-from sara_kernels.adapter import AdapterError, load_adapter, merge_and_unload, save_adapter
+from sara_kernels.adapter import AdapterError, AdapterWarning, load_adapter, merge_and_unload, save_adapter
 
 #: Entries per layer of the test adapters (of 135, 315, 1232 and 143 weight entries).
 COUNTS = {"0": 17, "2": 40, "4": 150, "6": 21}
@@ -373,7 +375,7 @@ def test_bad_arguments(three):
         sk.set_adapters(model, ["a", "b"], [1.0, 1.0, 1.0])
     with pytest.raises(ValueError, match=r"the weight of 'b' must be finite, got nan"):
         sk.set_adapters(model, ["a", "b"], [1.0, float("nan")])
-    with pytest.raises(TypeError, match=r"the weight of 'a' must be a number, got str"):
+    with pytest.raises(TypeError, match=r"the weight of 'a' must be a real number, got str"):
         sk.set_adapters(model, ["a"], ["1"])
     with pytest.raises(KeyError, match=r"no adapter named 'z'"):
         sk.set_adapters(model, ["a", "z"])
@@ -426,9 +428,13 @@ def test_a_replaced_layer_is_refused(three):
     model[4].weight.data = torch.zeros(3, 5, dtype=base[0].weight.dtype)  # resized: the indices would not fit
     with pytest.raises(
         RuntimeError,
-        match=r"the weight of layer '4' is no longer a contiguous tensor of shape \(11, 112\) \(got \(3, 5\)\)",
+        match=r"disable_adapters: the weight of layer '4' changed shape since the load: \(11, 112\) -> \(3, 5\)",
     ):
         sk.disable_adapters(model)
+    with pytest.warns(AdapterWarning, match=r"layer '4' changed shape since the load.*; left as it is"):
+        sk.delete_adapter(model, ["a", "b", "c"])  # the way out: the broken layer is left alone
+    assert multi_adapter.registry_of(model) is None
+    assert _same_weights(model[:4], base[:4])
 
 
 def test_tied_weights_are_refused_for_named_adapters(tmp_path):
@@ -465,3 +471,147 @@ def test_switching_while_a_forward_runs_in_another_thread_is_refused(three):
         worker.join(30)
         handle.remove()
     assert [v["active"] for v in sk.list_adapters(model).values()] == [False, False, True]
+
+
+# ---------------------------------------------------------------------------------------------
+# What a review found (each failed before its fix)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("how", ["data.copy_", "data[...]=", "data=", "vector_to_parameters"])
+def test_writes_through_data_are_caught_and_the_base_can_be_loaded_again(three, how):
+    """``.data`` writes (diffusers' EMAModel.copy_to, vector_to_parameters) bump no version
+    counter; a switch must still not write stale pre-trained values over them."""
+    base, paths = three
+    model = _load_all(base, paths)
+    sk.set_adapters(model, "a")
+    weight = model[4].weight
+    scaled = (weight.detach() * 1.01).to(weight.dtype)
+    if how == "data.copy_":
+        weight.data.copy_(scaled)
+    elif how == "data[...]=":
+        weight.data[:] = scaled
+    elif how == "data=":
+        weight.data = scaled.clone()
+    else:
+        params = list(model[4].parameters())
+        torch.nn.utils.vector_to_parameters(
+            torch.cat([scaled.reshape(-1), params[1].detach().reshape(-1)]), params
+        )
+    with pytest.raises(RuntimeError, match=r"the weight of layer '4' was written by something other than"):
+        sk.disable_adapters(model)
+    model.load_state_dict(base.state_dict())  # the base weights again: the way out the message names
+    sk.set_adapters(model, ["b", "c"])
+    assert _same_weights(model, _oracle(base, paths, {"b": 1.0, "c": 1.0}))
+    sk.disable_adapters(model)
+    assert _same_weights(model, base)
+
+
+def test_an_interrupted_forward_does_not_block_switching(three):
+    """KeyboardInterrupt skips the always_call hook; a pre-hook failing before the registry's
+    runs its post-hook alone. Neither may leave switching refused for good."""
+    base, paths = three
+    model = _load_all(base, paths)
+
+    def interrupt(module, args):
+        raise KeyboardInterrupt
+
+    handle = model[0].register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        model(_input(base[0].weight.dtype))
+    handle.remove()
+    sk.set_adapters(model, "a")  # refused forever before
+
+    def fail(module, args):
+        raise ValueError("a hook that fails")
+
+    handle = model.register_forward_pre_hook(fail, prepend=True)  # before the registry's hook
+    with pytest.raises(ValueError, match="a hook that fails"):
+        model(_input(base[0].weight.dtype))
+    handle.remove()
+    sk.set_adapters(model, "b")
+    assert _same_weights(model, _oracle(base, paths, {"b": 1.0}))
+
+
+def test_compile_fullgraph(tmp_path):
+    base = _base_model()
+    paths = {n: _save(tmp_path, base, s, n) for s, n in enumerate(["a", "b"], 1)}
+    model = _load_all(base, paths)
+    compiled = torch.compile(model, fullgraph=True)  # the hooks' lock cannot be traced
+    x = _input()
+    for names in (["a"], ["a", "b"], []):
+        sk.set_adapters(model, names)
+        want = _oracle(base, paths, dict.fromkeys(names, 1.0)) if names else base
+        torch.testing.assert_close(compiled(x), want(x), rtol=1e-5, atol=1e-6)
+
+
+def test_deleting_the_model_frees_its_weights_without_the_cycle_collector(three):
+    base, paths = three
+    model = _load_all(base, paths)
+    sk.set_adapters(model, ["a", "b"])
+    sk.list_adapters(model)
+    alive = weakref.ref(model[4].weight)
+    gc.disable()
+    try:
+        del model
+        assert alive() is None
+    finally:
+        gc.enable()
+
+
+def test_channels_last_weights(three):
+    base, paths = three
+    model = copy.deepcopy(base).to(memory_format=torch.channels_last)
+    assert not model[0].weight.is_contiguous()
+    for name, path in paths.items():
+        load_adapter(model, path, adapter_name=name)  # refused: 'not contiguous' before
+    for combo in ({"a": 1.0}, {"b": 0.5, "c": 2.0}):
+        sk.set_adapters(model, list(combo), list(combo.values()))
+        assert _same_weights(model, _oracle(base, paths, combo))
+    model.to(memory_format=torch.contiguous_format)  # and back, between switches
+    sk.set_adapters(model, "c")
+    assert _same_weights(model, _oracle(base, paths, {"c": 1.0}))
+    sk.disable_adapters(model)
+    assert _same_weights(model, base)
+
+
+def test_weights_as_numpy_and_tensor_scalars(three):
+    np = pytest.importorskip("numpy")
+    base, paths = three
+    model = _load_all(base, paths)
+    want = _oracle(base, paths, {"a": 0.5, "b": 2.0})
+    for weights in ([np.float32(0.5), np.int64(2)], np.array([0.5, 2.0]), torch.tensor([0.5, 2.0])):
+        sk.set_adapters(model, ["a", "b"], weights)
+        assert _same_weights(model, want)
+        sk.disable_adapters(model)
+    sk.set_adapters(model, ["a", "b"], adapter_weights=[0.5, 2.0])  # diffusers' pipelines' name
+    assert _same_weights(model, want)
+    sk.set_adapters(model, ["c"], torch.tensor(0.25))
+    assert _same_weights(model, _oracle(base, paths, {"c": 0.25}))
+
+
+def test_delete_with_a_name_twice_changes_nothing(three):
+    base, paths = three
+    model = _load_all(base, paths)
+    with pytest.raises(ValueError, match=r"delete_adapter: an adapter is named twice"):
+        sk.delete_adapter(model, ["a", "a"])
+    assert list(sk.list_adapters(model)) == ["a", "b", "c"]
+
+
+def test_apply_sara_refuses_a_container_of_a_model_with_named_adapters(three):
+    base, paths = three
+    holder = nn.ModuleDict({"unet": _load_all(base, paths)})
+    with pytest.raises(ValueError, match=r"apply_sara: 'unet' holds named adapters \('a', 'b', 'c'\)"):
+        sk.apply_sara(holder, sk.SaRAConfig(fraction=0.05))
+
+
+def test_setting_the_active_combination_again_writes_nothing(three, monkeypatch):
+    base, paths = three
+    model = _load_all(base, paths)
+    sk.set_adapters(model, ["a", "b"], [1.0, 0.5])
+    writes = []
+    merge = multi_adapter._merge
+    monkeypatch.setattr(multi_adapter, "_merge", lambda *args: writes.append(args) or merge(*args))
+    sk.set_adapters(model, ["b", "a"], [0.5, 1.0])
+    assert writes == []
+    sk.set_adapters(model, ["b"], [0.5])
+    assert len(writes) == 2 * len(LAYERS)  # a's entries restored, b's merged: per layer
+    assert _same_weights(model, _oracle(base, paths, {"b": 0.5}))
