@@ -714,3 +714,69 @@ def test_pixart_scale_shift_tables_by_pattern():
     left = [f for f in pixart.sara_summary.frozen if f.parameter == "scale_shift_table"]
     assert [(f.module_type, f.count) for f in left] == [("PixArtTransformer2DModel", 1)]
     assert "PixArtTransformer2DModel.scale_shift_table x1" in str(pixart.sara_summary)
+
+
+def test_unet1d_converts_every_conv1d_and_trains_it():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet1DModel(
+        block_out_channels=(8, 8, 16, 16),
+        in_channels=14,
+        out_channels=14,
+        time_embedding_type="positional",
+        use_timestep_embedding=True,
+        flip_sin_to_cos=False,
+        freq_shift=1.0,
+        out_block_type="OutConv1DBlock",
+        mid_block_type="MidResTemporalBlock1D",
+        down_block_types=("DownResnetBlock1D",) * 4,
+        up_block_types=("UpResnetBlock1D",) * 3,
+        act_fn="swish",
+    )
+    conv1d = _count(unet, nn.Conv1d)
+    assert conv1d > 0
+    sk.apply_sara(unet, sk.SaRAConfig(fraction=0.05))
+    assert _count(unet, SparseDeltaConv1d) == conv1d
+    assert sum(layer.kind == "conv1d" for layer in unet.sara_summary.layers) == conv1d
+    unet(torch.randn(2, 14, 16), torch.tensor([3, 5])).sample.square().mean().backward()
+    trained = [
+        layer for _, layer in sk.sparse_layers(unet) if isinstance(layer, SparseDeltaConv1d) and layer.k
+    ]
+    assert trained and all(layer.sparse_delta.grad is not None for layer in trained)
+
+
+def test_unet2d_class_embedding_is_converted():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    config = dict(
+        sample_size=8,
+        block_out_channels=(32, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=8,
+        num_class_embeds=10,
+    )
+    unet = diffusers.UNet2DConditionModel(**config)
+    sk.apply_sara(unet, sk.SaRAConfig(fraction=0.1))
+    assert isinstance(unet.class_embedding, SparseDeltaEmbedding)
+    assert "class_embedding" in {layer.name for layer in unet.sara_summary.layers}
+    out = unet(torch.randn(2, 4, 8, 8), 10, torch.randn(2, 3, 16), class_labels=torch.tensor([1, 7])).sample
+    out.square().mean().backward()
+    grad = unet.class_embedding.sparse_delta.grad
+    rows = unet.class_embedding.sparse_index.long() // unet.class_embedding.embedding_dim
+    assert grad[(rows == 1) | (rows == 7)].abs().sum() > 0 and not grad[(rows != 1) & (rows != 7)].any()
+    unet = diffusers.UNet2DConditionModel(**config)
+    sk.apply_sara(unet, sk.SaRAConfig(fraction=0.1, convert_embeddings=False))
+    assert type(unet.class_embedding) is nn.Embedding
+
+
+def test_torch_compile_matches_eager():
+    model = sk.apply_sara(_mixed(), sk.SaRAConfig(fraction=0.3))
+    twin = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="aot_eager")
+    compiled(_tokens()).square().mean().backward()
+    twin(_tokens()).square().mean().backward()
+    for (name, a), (_, b) in zip(sk.sparse_layers(model), sk.sparse_layers(twin), strict=True):
+        torch.testing.assert_close(a.sparse_delta.grad, b.sparse_delta.grad, msg=name)
