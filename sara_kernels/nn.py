@@ -378,6 +378,18 @@ class _SparseDeltaMixin:
     sparse_frozen_delta: torch.Tensor
 
     # -- construction -----------------------------------------------------------------------
+    def __init__(
+        self,
+        *args,
+        index: torch.Tensor | None = None,
+        threshold: float | None = None,
+        k: int | None = None,
+        **kwargs,
+    ):
+        """The dense layer's constructor arguments, then a selection (as for :meth:`from_dense`)."""
+        super().__init__(*args, **kwargs)
+        self._init_sparse(index, threshold, k)
+
     def _init_sparse(self, index: torch.Tensor | None, threshold: float | None, k: int | None) -> None:
         self.__dict__.setdefault("_sparse_name", None)
         weight = self._parameters["weight"]
@@ -1052,6 +1064,9 @@ class _SparseDeltaMixin:
             )
         self.set_total_delta_(total)
 
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._sparse_repr()}"
+
     def _sparse_repr(self) -> str:
         text = f"k={self.k}, density={self.density:.2%}"
         if self.frozen_count:
@@ -1149,8 +1164,16 @@ class SparseDeltaLinear(_SparseDeltaMixin, nn.Linear):
         threshold: float | None = None,
         k: int | None = None,
     ):
-        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._init_sparse(index, threshold, k)
+        super().__init__(
+            in_features,
+            out_features,
+            bias=bias,
+            device=device,
+            dtype=dtype,
+            index=index,
+            threshold=threshold,
+            k=k,
+        )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._maybe_merge()
@@ -1172,9 +1195,6 @@ class SparseDeltaLinear(_SparseDeltaMixin, nn.Linear):
             )
         )
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, {self._sparse_repr()}"
-
 
 class _SparseConvMixin(_SparseDeltaMixin):
     """What the sparse-delta Conv1d/Conv2d/Conv3d share: padding modes, unbatched inputs, to_dense.
@@ -1185,17 +1205,6 @@ class _SparseConvMixin(_SparseDeltaMixin):
 
     #: Spatial dims of the convolution.
     _dims: int
-
-    def __init__(
-        self,
-        *args,
-        index: torch.Tensor | None = None,
-        threshold: float | None = None,
-        k: int | None = None,
-        **kwargs,
-    ):
-        super().__init__(*args, **kwargs)
-        self._init_sparse(index, threshold, k)
 
     def _padded(self, input: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         """Apply non-zero padding modes and string padding as nn.ConvNd does; returns the padding
@@ -1242,9 +1251,6 @@ class _SparseConvMixin(_SparseDeltaMixin):
                 dtype=self.weight.dtype,
             )
         )
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, {self._sparse_repr()}"
 
 
 class SparseDeltaConv1d(_SparseConvMixin, nn.Conv1d):
@@ -1311,17 +1317,6 @@ class SparseDeltaEmbedding(_SparseDeltaMixin, nn.Embedding):
 
     _dense_type = nn.Embedding
 
-    def __init__(
-        self,
-        *args,
-        index: torch.Tensor | None = None,
-        threshold: float | None = None,
-        k: int | None = None,
-        **kwargs,
-    ):
-        super().__init__(*args, **kwargs)
-        self._init_sparse(index, threshold, k)
-
     def _init_sparse(self, index, threshold, k) -> None:
         self.__dict__.setdefault("_sparse_name", None)
         if self.max_norm is not None:
@@ -1360,9 +1355,6 @@ class SparseDeltaEmbedding(_SparseDeltaMixin, nn.Embedding):
             )
         )
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, {self._sparse_repr()}"
-
 
 #: Every sparse-delta layer type, and the dense type it converts.
 SPARSE_LAYER_TYPES = (
@@ -1376,8 +1368,8 @@ DENSE_TYPES = tuple(cls._dense_type for cls in SPARSE_LAYER_TYPES)
 
 
 def sparse_type_for(module: nn.Module) -> type | None:
-    """The sparse-delta layer type that converts ``module`` (None when there is none). The most
-    derived dense type wins: a module may subclass one of them."""
+    """The sparse-delta layer type that converts ``module``, an instance (or subclass instance) of
+    one of the dense types, which are disjoint (None when there is none)."""
     for cls in SPARSE_LAYER_TYPES:
         if isinstance(module, cls._dense_type):
             return cls
