@@ -100,7 +100,7 @@ def _compare_with_dense(cls, kwargs, shape, device, backend, dtype=torch.float32
         y.backward(g)
     y_twin = twin(x_twin)
     y_twin.backward(g)
-    return layer, twin, x_ours, x_twin, y, y_twin
+    return layer, twin, x_ours, x_twin, y, y_twin, g
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
@@ -109,7 +109,7 @@ def _compare_with_dense(cls, kwargs, shape, device, backend, dtype=torch.float32
     [(SparseDeltaConv1d, *c) for c in CONV1D_CASES] + [(SparseDeltaConv3d, *c) for c in CONV3D_CASES],
 )
 def test_conv_layers_match_the_dense_layer(device, backend, cls, kwargs, shape):
-    layer, twin, x, x_twin, y, y_twin = _compare_with_dense(cls, kwargs, shape, device, backend)
+    layer, twin, x, x_twin, y, y_twin, g = _compare_with_dense(cls, kwargs, shape, device, backend)
     assert _ops.last_backend["sampled_weight_grad_conv2d"] == backend  # reduced to the conv2d op
     assert torch.equal(y, y_twin)  # the forward is the dense layer's, on the merged weight
     torch.testing.assert_close(x.grad, x_twin.grad)
@@ -123,7 +123,7 @@ def test_conv_layers_match_the_dense_layer(device, backend, cls, kwargs, shape):
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("kwargs,shape", EMBEDDING_CASES)
 def test_embedding_layer_matches_the_dense_layer(device, backend, kwargs, shape):
-    layer, twin, _, _, y, y_twin = _compare_with_dense(
+    layer, twin, _, _, y, y_twin, g = _compare_with_dense(
         SparseDeltaEmbedding, kwargs, shape, device, backend, density=0.5
     )
     assert torch.equal(y, y_twin)
@@ -158,6 +158,25 @@ def test_conv_layers_in_bfloat16(backend, cls, kwargs, shape):
     exact = copy.deepcopy(twin).double()
     exact.weight.grad = None
     exact(x.double()).backward(g.double())
+    index = layer.sparse_index.long()
+    want = exact.weight.grad.reshape(-1)[index]
+    ours = (layer.sparse_delta.grad.double() - want).abs().max()
+    dense_error = (twin.weight.grad.double().reshape(-1)[index] - want).abs().max()
+    assert ours <= 2 * dense_error + 1e-6 * want.abs().max(), (float(ours), float(dense_error))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kwargs,shape", EMBEDDING_CASES[1:3])
+def test_embedding_layer_in_half_precision(dtype, kwargs, shape):
+    """The delta's gradient (fp32 sums) is at least as close to the fp64 gradient as the dense
+    half-precision layer's own."""
+    layer, twin, tokens, _, y, y_twin, g = _compare_with_dense(
+        SparseDeltaEmbedding, kwargs, shape, "cpu", "reference", dtype
+    )
+    assert y.dtype == dtype and torch.equal(y, y_twin)
+    exact = copy.deepcopy(twin).double()
+    exact.weight.grad = None
+    exact(tokens).backward(g.double())
     index = layer.sparse_index.long()
     want = exact.weight.grad.reshape(-1)[index]
     ours = (layer.sparse_delta.grad.double() - want).abs().max()
@@ -481,7 +500,7 @@ def test_reselect_and_casts_keep_the_invariant():
 def test_unbatched_inputs():
     for cls, (kwargs, shape) in ((SparseDeltaConv1d, CONV1D_CASES[3]), (SparseDeltaConv3d, CONV3D_CASES[3])):
         assert len(shape) == cls._dims + 1
-        layer, twin, x, x_twin, y, y_twin = _compare_with_dense(cls, kwargs, shape, "cpu", "reference")
+        layer, twin, x, x_twin, y, y_twin, g = _compare_with_dense(cls, kwargs, shape, "cpu", "reference")
         assert y.shape == y_twin.shape and torch.equal(y, y_twin)
         torch.testing.assert_close(x.grad, x_twin.grad)
         torch.testing.assert_close(
