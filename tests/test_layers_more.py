@@ -564,7 +564,7 @@ def test_embeddings_with_max_norm_are_skipped_with_a_reason():
     assert "max_norm" in {s.name: s.reason for s in model.sara_summary.skipped}["embed"]
 
 
-def test_train_parameters_are_trained_densely():
+def test_train_parameters_are_trained_densely(tmp_path):
     model = _mixed()
     table = model.table
     model = sk.apply_sara(model, sk.SaRAConfig(fraction=0.3, train_parameters=["table"]))
@@ -577,6 +577,11 @@ def test_train_parameters_are_trained_densely():
     _trained(model, steps=2)
     assert not torch.equal(table, before)
     assert_merged(model)
+    # a training state carries them (every trainable parameter); an adapter file does not
+    sk.save_training_state(model, tmp_path / "state.safetensors")
+    resumed = sk.apply_sara(_mixed(), sk.SaRAConfig(fraction=0.3, train_parameters=["table"]))
+    sk.load_training_state(resumed, tmp_path / "state.safetensors")
+    assert torch.equal(resumed.table, table) and resumed.table.requires_grad
 
 
 def test_train_parameters_bad_entries_change_nothing():
