@@ -101,6 +101,15 @@ def _ints(op: str, name: str, value: int | Sequence[int], dims: int) -> list[int
     return value
 
 
+def _sampled_conv_nd(dims, grad_out, x, index, weight_shape, stride, padding, dilation, groups):
+    op = f"sampled_weight_grad_conv{dims}d"
+    geometry = [
+        _ints(op, n, v, dims) for n, v in (("stride", stride), ("padding", padding), ("dilation", dilation))
+    ]
+    composite = _ops.sampled_weight_grad_conv1d if dims == 1 else _ops.sampled_weight_grad_conv3d
+    return composite(grad_out, x, index, [int(s) for s in weight_shape], *geometry, int(groups))
+
+
 def sampled_weight_grad_conv1d(
     grad_out: torch.Tensor,
     x: torch.Tensor,
@@ -121,11 +130,7 @@ def sampled_weight_grad_conv1d(
     Returns:
         ``[k]`` fp32 (fp64 for fp64 inputs).
     """
-    op = "sampled_weight_grad_conv1d"
-    args = (_ints(op, n, v, 1) for n, v in (("stride", stride), ("padding", padding), ("dilation", dilation)))
-    return _ops.sampled_weight_grad_conv1d(
-        grad_out, x, index, [int(s) for s in weight_shape], *args, int(groups)
-    )
+    return _sampled_conv_nd(1, grad_out, x, index, weight_shape, stride, padding, dilation, groups)
 
 
 def sampled_weight_grad_conv3d(
@@ -149,11 +154,7 @@ def sampled_weight_grad_conv3d(
     Returns:
         ``[k]`` fp32 (fp64 for fp64 inputs).
     """
-    op = "sampled_weight_grad_conv3d"
-    args = (_ints(op, n, v, 3) for n, v in (("stride", stride), ("padding", padding), ("dilation", dilation)))
-    return _ops.sampled_weight_grad_conv3d(
-        grad_out, x, index, [int(s) for s in weight_shape], *args, int(groups)
-    )
+    return _sampled_conv_nd(3, grad_out, x, index, weight_shape, stride, padding, dilation, groups)
 
 
 def sampled_weight_grad_embedding(
