@@ -99,7 +99,8 @@ def print_results(results: list[Result]) -> None:
         c = r.config
         ratio = r.sampled_ms / r.dense_ms
         print(
-            f"{c.name:<22} {c.density:>7.0%} {r.entries:>9} {r.dense_ms:>9.1f} {r.sampled_ms:>10.1f} {ratio:>6.2f}"
+            f"{c.name:<22} {c.density:>7.0%} {r.entries:>9} {r.dense_ms:>9.1f} "
+            f"{r.sampled_ms:>10.1f} {ratio:>6.2f}"
         )
 
 
