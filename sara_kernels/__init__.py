@@ -1,7 +1,9 @@
 """sara_kernels: memory-efficient sparse fine-tuning (SaRA) for PyTorch.
 
 Layers and method:
-    SparseDeltaLinear, SparseDeltaConv2d   drop-in nn.Linear / nn.Conv2d with a k-sized trainable delta
+    SparseDeltaLinear, SparseDeltaConv1d/2d/3d, SparseDeltaEmbedding
+                                            drop-in nn.Linear / nn.ConvNd / nn.Embedding with a
+                                            k-sized trainable delta
     SaRAConfig, apply_sara                  convert + select + freeze a model in place
     sparse_parameters, SparseAdamW          the deltas and the fused optimizer
     reselect_, ProgressiveReselection       progressive parameter adjustment
@@ -30,7 +32,10 @@ from sara_kernels.ema import SparseEMA
 from sara_kernels.multi_adapter import delete_adapter, disable_adapters, list_adapters, set_adapters
 from sara_kernels.nn import (
     DeltaParameter,
+    SparseDeltaConv1d,
     SparseDeltaConv2d,
+    SparseDeltaConv3d,
+    SparseDeltaEmbedding,
     SparseDeltaLinear,
     SparseStateWarning,
     dense_state_dict,
@@ -53,7 +58,10 @@ __all__ = [
     "ProgressiveReselection",
     "SaRAConfig",
     "SparseAdamW",
+    "SparseDeltaConv1d",
     "SparseDeltaConv2d",
+    "SparseDeltaConv3d",
+    "SparseDeltaEmbedding",
     "SparseDeltaLinear",
     "SparseEMA",
     "SparseStateWarning",

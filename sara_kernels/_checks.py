@@ -225,7 +225,7 @@ def conv2d_output_size(
     stride: Sequence[int],
     padding: Sequence[int],
     dilation: Sequence[int],
-) -> tuple[int, int]:
+) -> tuple[int, ...]:
     if any(s <= 0 for s in stride):
         raise ValueError(f"sara_kernels.{op}: stride must be positive, got {list(stride)}")
     if any(p < 0 for p in padding):
@@ -233,7 +233,7 @@ def conv2d_output_size(
     if any(d <= 0 for d in dilation):
         raise ValueError(f"sara_kernels.{op}: dilation must be positive, got {list(dilation)}")
     out = []
-    for i in range(2):
+    for i in range(len(stride)):  # 2 spatial dims for conv2d; conv3d checks 3 the same way
         size = x_shape[2 + i] + 2 * padding[i] - dilation[i] * (weight_shape[2 + i] - 1) - 1
         if size < 0:
             raise ValueError(
@@ -241,7 +241,7 @@ def conv2d_output_size(
                 f"is larger than the padded input {tuple(x_shape[2:])} (padding {list(padding)})"
             )
         out.append(size // stride[i] + 1)
-    return out[0], out[1]
+    return tuple(out)
 
 
 def check_conv2d(

@@ -233,6 +233,196 @@ def _(grad_out, x, index, weight_shape, stride, padding, dilation, groups):
 
 
 # ---------------------------------------------------------------------------------------------
+# Sampled weight gradients of Conv1d, Conv3d and Embedding: exact reductions to the ops above or
+# compositions of torch ops (no kernel of their own, so not registered as ops)
+# ---------------------------------------------------------------------------------------------
+def _conv2d_sampler(checked: bool):
+    """The conv2d sampled gradient: the registered op (checked, traceable) or the backend directly."""
+    return torch.ops.sara_kernels.sampled_weight_grad_conv2d if checked else _run_sampled_weight_grad_conv2d
+
+
+def _check_conv_nd(op, dims, grad_out, x, index, weight_shape, stride, padding, dilation, groups):
+    """The checks of :func:`_check_conv_grad` for a ``dims``-D convolution."""
+    _checks.check_tensor(op, "grad_out", grad_out, dtypes=_checks.FLOAT_DTYPES, dim=dims + 2)
+    _checks.check_tensor(op, "x", x, dtypes=_checks.FLOAT_DTYPES, dim=dims + 2)
+    _checks.check_tensor(op, "index", index, dtypes=_checks.INDEX_DTYPES, dim=1)
+    if grad_out.dtype != x.dtype:
+        raise TypeError(f"sara_kernels.{op}: grad_out is {grad_out.dtype} but x is {x.dtype}")
+    if len(weight_shape) != dims + 2 or any(int(s) <= 0 for s in weight_shape):
+        raise ValueError(
+            f"sara_kernels.{op}: weight_shape must be {dims + 2} positive ints [out, in/groups, "
+            f"kernel...], got {list(weight_shape)}"
+        )
+    for name, value in (("stride", stride), ("padding", padding), ("dilation", dilation)):
+        if len(value) != dims:
+            raise ValueError(f"sara_kernels.{op}: {name} must have {dims} entries, got {list(value)}")
+    if groups <= 0 or weight_shape[0] % groups != 0 or x.shape[1] != weight_shape[1] * groups:
+        raise ValueError(
+            f"sara_kernels.{op}: x has {x.shape[1]} channels; weight_shape {list(weight_shape)} with "
+            f"groups={groups} needs groups to divide {weight_shape[0]} and "
+            f"{weight_shape[1] * groups} channels"
+        )
+    out = _checks.conv2d_output_size(op, x.shape, weight_shape, stride, padding, dilation)
+    expected = (x.shape[0], weight_shape[0], *out)
+    if tuple(grad_out.shape) != expected:
+        raise ValueError(
+            f"sara_kernels.{op}: grad_out has shape {tuple(grad_out.shape)} but the convolution of x "
+            f"{tuple(x.shape)} with weight_shape {list(weight_shape)} gives {expected}"
+        )
+    _checks.check_same_device(op, grad_out=grad_out, x=x, index=index)
+    _checks.check_index(op, index, _numel(weight_shape))
+
+
+def sampled_weight_grad_conv1d(
+    grad_out, x, index, weight_shape, stride, padding, dilation, groups, checked: bool = True
+):
+    """grad_out: [N, O, L_out], x: [N, C, L], index: [k] into the [O, C/g, K] weight -> [k].
+
+    A Conv1d is a Conv2d of height 1: the inputs gain a unit height dim, the weight is
+    ``[O, C/g, 1, K]`` (the same flat index), and the conv2d op computes the entries."""
+    if checked:
+        _check_conv_nd(
+            "sampled_weight_grad_conv1d",
+            1,
+            grad_out,
+            x,
+            index,
+            weight_shape,
+            stride,
+            padding,
+            dilation,
+            groups,
+        )
+    out_channels, in_per_group, kernel = (int(s) for s in weight_shape)
+    return _conv2d_sampler(checked)(
+        grad_out.unsqueeze(2),
+        x.unsqueeze(2),
+        index,
+        [out_channels, in_per_group, 1, kernel],
+        [1, int(stride[0])],
+        [0, int(padding[0])],
+        [1, int(dilation[0])],
+        groups,
+    )
+
+
+def sampled_weight_grad_conv3d(
+    grad_out, x, index, weight_shape, stride, padding, dilation, groups, checked: bool = True
+):
+    """grad_out: [N, O, T_out, P, Q], x: [N, C, T, H, W], index: [k] into the [O, C/g, kT, kH, kW]
+    weight -> [k] (fp32, fp64 for fp64 inputs).
+
+    The weight gradient at temporal tap ``t`` is a Conv2d weight gradient over the frames that tap
+    reads, ``t * dilation_t + stride_t * j`` for ``j < T_out`` (after temporal padding), batched over
+    ``(N, T_out)``. Flat index ``(o, c, t, h, w)`` maps to ``(o, c, h, w)`` of the ``[O, C/g, kH, kW]``
+    conv2d weight (this keeps each tap's entries sorted). One conv2d sampled gradient per tap that
+    holds selected entries. Extra memory: the input once, frames first (``N * (T + 2 p) * C * H * W``),
+    the output gradient once, and one tap's frames when they are not a view.
+    """
+    op = "sampled_weight_grad_conv3d"
+    if checked:
+        _check_conv_nd(op, 3, grad_out, x, index, weight_shape, stride, padding, dilation, groups)
+    out_channels, in_per_group, taps, kh, kw = (int(s) for s in weight_shape)
+    n, channels, frames_in = x.shape[:3]
+    t_out = grad_out.shape[2]
+    t_stride, t_dilation, t_padding = int(stride[0]), int(dilation[0]), int(padding[0])
+    result = torch.zeros(index.shape, dtype=reference.accumulate_dtype(grad_out, x), device=x.device)
+    if index.numel() == 0 or n * t_out == 0:
+        return result
+    # Frames first, temporally padded, in one copy: [N, T + 2 p, C, H, W]. A tap's frames are then a
+    # strided slice of dim 1, a view when N == 1 and the stride is 1 (no copy per tap). Transposing
+    # per tap instead cost 4x more than the conv2d kernels (SVD's 640-channel temporal conv, CPU).
+    x_frames = x.new_zeros((n, frames_in + 2 * t_padding, channels, *x.shape[3:]))
+    x_frames[:, t_padding : t_padding + frames_in] = x.transpose(1, 2)
+    grad_2d = grad_out.transpose(1, 2).reshape(n * t_out, out_channels, *grad_out.shape[3:])
+    flat = index.long()
+    plane = kh * kw
+    tap_of = (flat // plane) % taps
+    # The entries grouped by tap (a stable sort keeps each tap's conv2d indices increasing).
+    order = torch.argsort(tap_of, stable=True)
+    index_2d = ((flat[order] // (plane * taps)) * plane + flat[order] % plane).to(index.dtype)
+    counts = torch.bincount(tap_of, minlength=taps).tolist()
+    sampled = _conv2d_sampler(checked)
+    parts = []
+    for t, part in enumerate(torch.split(index_2d, counts)):
+        if part.numel() == 0:
+            continue
+        start = t * t_dilation
+        frames = x_frames[:, start : start + t_stride * (t_out - 1) + 1 : t_stride]  # [N, T_out, C, H, W]
+        x_2d = frames.reshape(n * t_out, channels, *x.shape[3:])
+        parts.append(
+            sampled(
+                grad_2d,
+                x_2d,
+                part,
+                [out_channels, in_per_group, kh, kw],
+                [int(s) for s in stride[1:]],
+                [int(p) for p in padding[1:]],
+                [int(d) for d in dilation[1:]],
+                groups,
+            )
+        )
+    result[order] = torch.cat(parts).to(result.dtype)
+    return result
+
+
+def sampled_weight_grad_embedding(
+    grad_out,
+    indices,
+    index,
+    num_embeddings: int,
+    embedding_dim: int,
+    padding_idx: int | None = None,
+    scale_grad_by_freq: bool = False,
+    checked: bool = True,
+):
+    """grad_out: [..., D], indices: [...] token ids, index: [k] into the [V, D] weight -> [k] fp32
+    (fp64 for fp64 grad_out).
+
+    Entry ``(r, c)`` gets the sum of ``grad_out[n, c]`` over the tokens ``n`` equal to ``r`` (divided
+    by the count of ``r`` with ``scale_grad_by_freq``; 0 in the ``padding_idx`` row), as
+    ``nn.Embedding``'s weight gradient. Memory O(tokens * D + k): the gradient rows of the distinct
+    tokens are summed (``index_add_``), and each selected entry finds its row by ``searchsorted``.
+    """
+    op = "sampled_weight_grad_embedding"
+    if checked:
+        _checks.check_tensor(op, "grad_out", grad_out, dtypes=_checks.FLOAT_DTYPES)
+        _checks.check_tensor(op, "indices", indices, dtypes=_checks.INDEX_DTYPES)
+        _checks.check_tensor(op, "index", index, dtypes=_checks.INDEX_DTYPES, dim=1)
+        if num_embeddings <= 0 or embedding_dim <= 0:
+            raise ValueError(
+                f"sara_kernels.{op}: num_embeddings={num_embeddings} and embedding_dim={embedding_dim} "
+                "must be positive"
+            )
+        if tuple(grad_out.shape) != (*indices.shape, embedding_dim):
+            raise ValueError(
+                f"sara_kernels.{op}: grad_out has shape {tuple(grad_out.shape)} but indices "
+                f"{tuple(indices.shape)} with embedding_dim={embedding_dim} need "
+                f"{(*indices.shape, embedding_dim)}"
+            )
+        _checks.check_same_device(op, grad_out=grad_out, indices=indices, index=index)
+        _checks.check_range(op, indices.reshape(-1), num_embeddings, name="indices")
+        _checks.check_index(op, index, num_embeddings * embedding_dim)
+    acc = reference.accumulate_dtype(grad_out)
+    tokens = indices.reshape(-1)
+    result = torch.zeros(index.shape, dtype=acc, device=grad_out.device)
+    if index.numel() == 0 or tokens.numel() == 0:
+        return result
+    unique, inverse, counts = torch.unique(tokens.long(), return_inverse=True, return_counts=True)
+    rows = torch.zeros(unique.numel(), embedding_dim, dtype=acc, device=grad_out.device)
+    rows.index_add_(0, inverse, grad_out.reshape(-1, embedding_dim).to(acc))  # [U, D]
+    if scale_grad_by_freq:
+        rows /= counts.unsqueeze(1).to(acc)
+    flat = index.long()
+    row, column = flat // embedding_dim, flat % embedding_dim
+    position = torch.searchsorted(unique, row).clamp_(max=unique.numel() - 1)
+    hit = unique[position] == row
+    if padding_idx is not None:
+        hit &= row != padding_idx
+    return torch.where(hit, rows[position, column], result)
+
+
+# ---------------------------------------------------------------------------------------------
 # In-place ops: fused AdamW, merge, restore
 # ---------------------------------------------------------------------------------------------
 def _check_weight_side(op, weight, index, base, names=("weight", "index", "base")):
@@ -717,10 +907,24 @@ def _conv_setup_context(ctx, inputs, output):
     ctx.conv_args = tuple(inputs[5:9])
 
 
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def _sampled_conv(dims: int, checked: bool):
+    """The sampled weight gradient of a ``dims``-D convolution (same arguments as conv2d's)."""
+    if dims == 2:
+        return _conv2d_sampler(checked)
+    composite = sampled_weight_grad_conv1d if dims == 1 else sampled_weight_grad_conv3d
+    return lambda *args: composite(*args, checked=checked)
+
+
 def _conv_backward(ctx, grad, checked=True):
+    """Backward of a 1-, 2- or 3-D sparse convolution (the dims follow the weight)."""
     x, weight, index = ctx.saved_tensors
     need_x, _, need_bias, _, need_delta = ctx.needs_input_grad[:5]
     stride, padding, dilation, groups = ctx.conv_args
+    dims = len(ctx.weight_shape) - 2
     grad_x = grad_bias = grad_delta = None
     if need_x:
         # The input gradient as a transposed convolution: convolution_backward would also allocate
@@ -733,17 +937,15 @@ def _conv_backward(ctx, grad, checked=True):
                 + dilation[i] * (ctx.weight_shape[2 + i] - 1)
                 + 1
             )
-            for i in range(2)
+            for i in range(dims)
         ]
-        grad_x = F.conv_transpose2d(
+        grad_x = _CONV_TRANSPOSE[dims](
             grad, weight.to(grad.dtype), None, stride, padding, output_padding, groups, dilation
         )
     if need_bias:
-        grad_bias = grad.sum((0, 2, 3)).to(ctx.bias_dtype)
+        grad_bias = grad.sum((0, *range(2, 2 + dims))).to(ctx.bias_dtype)
     if need_delta:
-        sampled = (
-            torch.ops.sara_kernels.sampled_weight_grad_conv2d if checked else _run_sampled_weight_grad_conv2d
-        )
+        sampled = _sampled_conv(dims, checked)
         grad_delta = sampled(grad, x, index, list(ctx.weight_shape), stride, padding, dilation, groups).to(
             ctx.delta_dtype
         )
@@ -825,16 +1027,58 @@ class SparseLinearFunction(torch.autograd.Function):
         return _linear_backward(ctx, grad, checked=False)
 
 
-class SparseConv2dFunction(torch.autograd.Function):
-    """sparse_conv2d without the op dispatcher (inputs already validated by the layer)."""
+class SparseConvFunction(torch.autograd.Function):
+    """sparse_conv2d without the op dispatcher (inputs already validated by the layer), and its 1-D
+    and 3-D counterparts: the forward is ``F.conv1d/2d/3d`` (by the weight's dims) on the merged
+    weight, the delta's gradient the sampled weight gradient of that convolution."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, index, delta, stride, padding, dilation, groups):
         inputs = (x, weight, bias, index, delta, stride, padding, dilation, groups)
-        _setup_layer("sparse_conv2d", ctx, inputs)
+        dims = weight.dim() - 2
+        _setup_layer(f"sparse_conv{dims}d", ctx, inputs)
         ctx.conv_args = (stride, padding, dilation, groups)
-        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        return _CONV[dims](x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad):
         return _conv_backward(ctx, grad, checked=False)
+
+
+SparseConv2dFunction = SparseConvFunction
+
+
+class SparseEmbeddingFunction(torch.autograd.Function):
+    """``F.embedding`` on the merged weight; the delta's gradient is the embedding weight gradient
+    at the selected entries (:func:`sampled_weight_grad_embedding`, never a dense ``[V, D]``)."""
+
+    @staticmethod
+    def forward(ctx, indices, weight, index, delta, padding_idx, scale_grad_by_freq):
+        if weight.requires_grad:
+            raise RuntimeError(
+                "sara_kernels.sparse_embedding: weight requires grad, but this op never forms a dense "
+                "weight gradient; freeze the weight (weight.requires_grad_(False)) and train delta"
+            )
+        ctx.save_for_backward(indices, index)
+        ctx.weight_shape = weight.shape
+        ctx.delta_dtype = delta.dtype
+        ctx.padding_idx, ctx.scale_grad_by_freq = padding_idx, scale_grad_by_freq
+        return F.embedding(indices, weight, padding_idx, None, 2.0, scale_grad_by_freq, False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_delta = None
+        if ctx.needs_input_grad[3]:
+            indices, index = ctx.saved_tensors
+            num_embeddings, dim = ctx.weight_shape
+            grad_delta = sampled_weight_grad_embedding(
+                grad,
+                indices,
+                index,
+                num_embeddings,
+                dim,
+                ctx.padding_idx,
+                ctx.scale_grad_by_freq,
+                checked=False,
+            ).to(ctx.delta_dtype)
+        return None, None, None, grad_delta, None, None

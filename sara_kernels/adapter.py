@@ -18,11 +18,12 @@ key                    dtype               content
 The file metadata (strings) holds ``format`` (``"sara_kernels.adapter"``), ``format_version``
 (``"1"``), ``sara_kernels_version``, ``sara_config`` (the JSON of ``model.sara_config`` when it is a
 dataclass), ``layers`` (JSON list of the layer names) and, per layer, ``layer/<name>``: a JSON
-record with the layer kind (``linear``/``conv2d``), the weight shape and dtype, the entry count, a
-SHA-256 of the layer's stored tensors (to detect corruption) and a *fingerprint* of the pre-trained
-weight (see :func:`weight_fingerprint`), checked when the adapter is loaded so that an adapter is not
-silently applied to a different base model (the fingerprint also hashes its sample cast to the other
-float dtypes, so an adapter trained on fp32 weights matches the same base loaded in fp16 or bf16).
+record with the layer kind (``linear``/``conv1d``/``conv2d``/``conv3d``/``embedding``), the weight
+shape and dtype, the entry count, a SHA-256 of the layer's stored tensors (to detect corruption) and
+a *fingerprint* of the pre-trained weight (see :func:`weight_fingerprint`), checked when the adapter
+is loaded so that an adapter is not silently applied to a different base model (the fingerprint
+also hashes its sample cast to the other float dtypes, so an adapter trained on fp32 weights
+matches the same base loaded in fp16 or bf16).
 """
 
 from __future__ import annotations
@@ -43,7 +44,13 @@ from sara_kernels import _checks
 from sara_kernels import nn as sk_nn
 from sara_kernels._io import atomic_save_file, read_file
 from sara_kernels._version import __version__
-from sara_kernels.nn import SparseDeltaConv2d, SparseDeltaLinear
+from sara_kernels.nn import (
+    SparseDeltaConv1d,
+    SparseDeltaConv2d,
+    SparseDeltaConv3d,
+    SparseDeltaEmbedding,
+    SparseDeltaLinear,
+)
 
 #: ``format`` metadata value of an adapter file.
 FORMAT_NAME = "sara_kernels.adapter"
@@ -65,9 +72,12 @@ _CHUNK = 1 << 22
 
 _KINDS: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
     "linear": (nn.Linear, SparseDeltaLinear),
+    "conv1d": (nn.Conv1d, SparseDeltaConv1d),
     "conv2d": (nn.Conv2d, SparseDeltaConv2d),
+    "conv3d": (nn.Conv3d, SparseDeltaConv3d),
+    "embedding": (nn.Embedding, SparseDeltaEmbedding),
 }
-_SPARSE_TYPES = (SparseDeltaLinear, SparseDeltaConv2d)
+_SPARSE_TYPES = tuple(sparse for _, sparse in _KINDS.values())
 _SPARSE_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _DTYPES = {
     str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -225,10 +235,9 @@ def fingerprint_differences(expected: dict[str, Any], got: dict[str, Any]) -> li
 # Helpers on layers
 # ---------------------------------------------------------------------------------------------
 def _kind_of(module: nn.Module) -> str | None:
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if isinstance(module, nn.Conv2d):
-        return "conv2d"
+    for kind, (dense, _) in _KINDS.items():
+        if isinstance(module, dense):
+            return kind
     return None
 
 
@@ -348,7 +357,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, include_base: boo
     if not layers:
         raise AdapterError(
             f"save_adapter({path!r}): {type(model).__name__} has no sparse-delta layer "
-            "(SparseDeltaLinear / SparseDeltaConv2d); apply SaRA or convert layers with from_dense first"
+            "(SparseDeltaLinear, SparseDeltaConv1d/2d/3d, SparseDeltaEmbedding); apply SaRA or convert "
+            "layers with from_dense first"
         )
     if os.path.isdir(path):
         raise AdapterError(f"save_adapter: {path!r} is a directory; give a file path")
@@ -462,7 +472,9 @@ def _read_records(
         except (KeyError, TypeError, ValueError) as exc:
             raise _corrupt(path, f"layer {label}: bad metadata record ({type(exc).__name__}: {exc})") from exc
         if kind not in _KINDS:
-            raise _corrupt(path, f"layer {label}: unknown layer kind {kind!r} (expected linear or conv2d)")
+            raise _corrupt(
+                path, f"layer {label}: unknown layer kind {kind!r} (expected one of {', '.join(_KINDS)})"
+            )
         keys = [prefix + "index", prefix + "delta"] + ([prefix + "base"] if has_base else [])
         for key in keys:
             if key not in tensors:
@@ -601,9 +613,9 @@ def load_adapter(
     weight shape, fingerprint of its pre-trained weight) before anything is changed, so a failing
     load leaves the model untouched. Then, without ``adapter_name``:
 
-    * a plain ``nn.Linear``/``nn.Conv2d`` is replaced, in its parent(s), by a sparse-delta layer
-      built with ``from_dense(index=file_index)`` (the weight storage is reused) whose delta is
-      ``alpha * file_delta``, merged into the weight;
+    * a plain ``nn.Linear``/``nn.ConvNd``/``nn.Embedding`` is replaced, in its parent(s), by a
+      sparse-delta layer built with ``from_dense(index=file_index)`` (the weight storage is
+      reused) whose delta is ``alpha * file_delta``, merged into the weight;
     * a sparse-delta layer without an adapter (no entries, or all deltas zero, e.g. fresh from
       ``apply_sara``) takes the file's selection and ``alpha * file_delta``;
     * a sparse-delta layer that already carries an adapter is an error unless ``combine=True``:
@@ -796,11 +808,11 @@ def load_adapter(
 # merge_and_unload
 # ---------------------------------------------------------------------------------------------
 def _unload(layer: nn.Module) -> nn.Module:
-    """A plain nn.Linear/nn.Conv2d sharing ``layer``'s state (merged weight, same Parameter and
-    storage, bias, hooks, training flag), without the sparse buffers."""
+    """A plain nn.Linear/nn.ConvNd/nn.Embedding sharing ``layer``'s state (merged weight, same
+    Parameter and storage, bias, hooks, training flag), without the sparse buffers."""
     layer._maybe_merge()  # the weight holds base + delta at every adapted entry, frozen ones included
     sk_nn.forget_weight(layer.weight)
-    dense_cls = nn.Linear if isinstance(layer, SparseDeltaLinear) else nn.Conv2d
+    dense_cls = layer._dense_type
     new = dense_cls.__new__(dense_cls)
     state = {}
     for key, value in layer.__dict__.items():
@@ -818,7 +830,8 @@ def _unload(layer: nn.Module) -> nn.Module:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Replace every sparse-delta layer by a plain ``nn.Linear``/``nn.Conv2d`` with the merged weight.
+    """Replace every sparse-delta layer by a plain ``nn.Linear``/``nn.ConvNd``/``nn.Embedding`` with
+    the merged weight.
 
     The weight Parameter (and its storage) is reused, not copied, and requires grad again, like a
     fresh dense layer; bias, hooks and the training flag carry over. Named adapters

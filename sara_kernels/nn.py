@@ -1,4 +1,5 @@
-"""Drop-in sparse-delta layers: ``SparseDeltaLinear(nn.Linear)`` and ``SparseDeltaConv2d(nn.Conv2d)``.
+"""Drop-in sparse-delta layers: ``SparseDeltaLinear(nn.Linear)``,
+``SparseDeltaConv1d/2d/3d(nn.Conv1d/2d/3d)`` and ``SparseDeltaEmbedding(nn.Embedding)``.
 
 Data model of one adapted layer: ``n`` adapted entries held in *slots*; the first ``k`` slots are
 trainable, the last ``n - k`` were frozen by progressive re-selection (:func:`sara_kernels.reselect_`):
@@ -377,6 +378,18 @@ class _SparseDeltaMixin:
     sparse_frozen_delta: torch.Tensor
 
     # -- construction -----------------------------------------------------------------------
+    def __init__(
+        self,
+        *args,
+        index: torch.Tensor | None = None,
+        threshold: float | None = None,
+        k: int | None = None,
+        **kwargs,
+    ):
+        """The dense layer's constructor arguments, then a selection (as for :meth:`from_dense`)."""
+        super().__init__(*args, **kwargs)
+        self._init_sparse(index, threshold, k)
+
     def _init_sparse(self, index: torch.Tensor | None, threshold: float | None, k: int | None) -> None:
         self.__dict__.setdefault("_sparse_name", None)
         weight = self._parameters["weight"]
@@ -456,6 +469,50 @@ class _SparseDeltaMixin:
             state[key] = value.copy() if isinstance(value, dict) else value
         new.__dict__.update(state)
         return new
+
+    @classmethod
+    def from_dense(
+        cls,
+        module: nn.Module,
+        index: torch.Tensor | None = None,
+        *,
+        threshold: float | None = None,
+        k: int | None = None,
+        name: str | None = None,
+    ):
+        """Wrap a dense layer (its weight storage is reused, not copied) with a selection.
+
+        Args:
+            module: the dense layer (``nn.Linear`` for :class:`SparseDeltaLinear`, ``nn.Conv2d`` for
+                :class:`SparseDeltaConv2d`, ...).
+            index: flat indices into ``weight.view(-1)`` to train; or ``threshold`` (|w| < threshold)
+                or ``k`` (k smallest |w|).
+            name: the layer's name in its model, used in error messages.
+
+        A second layer built over a weight Parameter that is already adapted (tied weights) shares
+        the first one's sparse state: one delta per weight. A ``channels_last`` weight is stored
+        contiguous (a copy): the index addresses the row-major layout.
+        """
+        dense = cls._dense_type
+        if not isinstance(module, dense):
+            raise TypeError(
+                f"{cls.__name__}.from_dense: expected {_qualified(dense)}, got {type(module).__name__}"
+            )
+        if isinstance(module, cls):
+            raise TypeError(f"{cls.__name__}.from_dense: the layer is already a {cls.__name__}")
+        new = cls._adopt(module)
+        new.__dict__["_sparse_name"] = name
+        new._init_sparse(index, threshold, k)
+        return new
+
+    def _dense_copy(self, dense: nn.Module) -> nn.Module:
+        """``dense`` (a new plain layer of this one's configuration) given the merged weight and bias."""
+        self._maybe_merge()
+        with torch.no_grad():
+            dense.weight.copy_(self.weight)
+            if getattr(self, "bias", None) is not None:
+                dense.bias.copy_(self.bias)
+        return dense
 
     # -- names and checks -------------------------------------------------------------------
     def _label(self) -> str:
@@ -1007,11 +1064,18 @@ class _SparseDeltaMixin:
             )
         self.set_total_delta_(total)
 
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._sparse_repr()}"
+
     def _sparse_repr(self) -> str:
         text = f"k={self.k}, density={self.density:.2%}"
         if self.frozen_count:
             text += f", frozen={self.frozen_count}"
         return text
+
+
+def _qualified(cls: type) -> str:
+    return f"nn.{cls.__name__}" if cls.__module__.startswith("torch.nn") else cls.__name__
 
 
 def _slot_sources(old_index: torch.Tensor, new_index: torch.Tensor) -> torch.Tensor:
@@ -1086,6 +1150,8 @@ class SparseDeltaLinear(_SparseDeltaMixin, nn.Linear):
     Build it from a dense layer with :meth:`from_dense`. ``isinstance(m, nn.Linear)`` holds.
     """
 
+    _dense_type = nn.Linear
+
     def __init__(
         self,
         in_features: int,
@@ -1098,37 +1164,16 @@ class SparseDeltaLinear(_SparseDeltaMixin, nn.Linear):
         threshold: float | None = None,
         k: int | None = None,
     ):
-        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._init_sparse(index, threshold, k)
-
-    @classmethod
-    def from_dense(
-        cls,
-        linear: nn.Linear,
-        index: torch.Tensor | None = None,
-        *,
-        threshold: float | None = None,
-        k: int | None = None,
-        name: str | None = None,
-    ) -> SparseDeltaLinear:
-        """Wrap ``linear`` (its weight storage is reused, not copied) with a selection.
-
-        Args:
-            linear: the dense layer.
-            index: flat indices to train; or ``threshold`` (|w| < threshold) or ``k`` (k smallest |w|).
-            name: the layer's name in its model, used in error messages.
-
-        A second layer built over a weight Parameter that is already adapted (tied weights) shares
-        the first one's sparse state: one delta per weight.
-        """
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"SparseDeltaLinear.from_dense: expected nn.Linear, got {type(linear).__name__}")
-        if isinstance(linear, SparseDeltaLinear):
-            raise TypeError("SparseDeltaLinear.from_dense: the layer is already a SparseDeltaLinear")
-        new = cls._adopt(linear)
-        new.__dict__["_sparse_name"] = name
-        new._init_sparse(index, threshold, k)
-        return new
+        super().__init__(
+            in_features,
+            out_features,
+            bias=bias,
+            device=device,
+            dtype=dtype,
+            index=index,
+            threshold=threshold,
+            k=k,
+        )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._maybe_merge()
@@ -1140,116 +1185,203 @@ class SparseDeltaLinear(_SparseDeltaMixin, nn.Linear):
 
     def to_dense(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding the merged weight (a copy)."""
-        self._maybe_merge()
-        dense = nn.Linear(
-            self.in_features,
-            self.out_features,
-            bias=self.bias is not None,
-            device=self.weight.device,
-            dtype=self.weight.dtype,
+        return self._dense_copy(
+            nn.Linear(
+                self.in_features,
+                self.out_features,
+                bias=self.bias is not None,
+                device=self.weight.device,
+                dtype=self.weight.dtype,
+            )
         )
-        with torch.no_grad():
-            dense.weight.copy_(self.weight)
-            if self.bias is not None:
-                dense.bias.copy_(self.bias)
-        return dense
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, {self._sparse_repr()}"
 
 
-class SparseDeltaConv2d(_SparseDeltaMixin, nn.Conv2d):
-    """``nn.Conv2d`` whose trainable part is a k-sized delta on selected weight entries.
+class _SparseConvMixin(_SparseDeltaMixin):
+    """What the sparse-delta Conv1d/Conv2d/Conv3d share: padding modes, unbatched inputs, to_dense.
 
-    Build it from a dense layer with :meth:`from_dense`. ``isinstance(m, nn.Conv2d)`` holds.
-    Inputs may be batched ``[N, C, H, W]`` or unbatched ``[C, H, W]``, as for ``nn.Conv2d``.
-    """
+    Inputs may be batched ``[N, C, *spatial]`` or unbatched ``[C, *spatial]``, as for ``nn.ConvNd``.
+    A ``channels_last`` weight is stored contiguous (a copy): the index addresses the row-major
+    layout. Inputs in any memory format work."""
 
-    def __init__(
-        self,
-        *args,
-        index: torch.Tensor | None = None,
-        threshold: float | None = None,
-        k: int | None = None,
-        **kwargs,
-    ):
-        super().__init__(*args, **kwargs)
-        self._init_sparse(index, threshold, k)
-
-    @classmethod
-    def from_dense(
-        cls,
-        conv: nn.Conv2d,
-        index: torch.Tensor | None = None,
-        *,
-        threshold: float | None = None,
-        k: int | None = None,
-        name: str | None = None,
-    ) -> SparseDeltaConv2d:
-        """Wrap ``conv`` (its weight storage is reused, not copied) with a selection.
-
-        A ``channels_last`` weight is stored contiguous (a copy): the index addresses the row-major
-        layout. Inputs in any memory format work."""
-        if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"SparseDeltaConv2d.from_dense: expected nn.Conv2d, got {type(conv).__name__}")
-        if isinstance(conv, SparseDeltaConv2d):
-            raise TypeError("SparseDeltaConv2d.from_dense: the layer is already a SparseDeltaConv2d")
-        new = cls._adopt(conv)
-        new.__dict__["_sparse_name"] = name
-        new._init_sparse(index, threshold, k)
-        return new
+    #: Spatial dims of the convolution.
+    _dims: int
 
     def _padded(self, input: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-        """Apply non-zero padding modes and string padding as nn.Conv2d does; returns the padding
+        """Apply non-zero padding modes and string padding as nn.ConvNd does; returns the padding
         left for the convolution itself."""
         if self.padding_mode != "zeros":
-            return F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode), [0, 0]
+            return F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode), [
+                0
+            ] * self._dims
         if isinstance(self.padding, str):
-            # "valid" pads nothing; "same" may be asymmetric, which nn.Conv2d precomputes.
-            return F.pad(input, self._reversed_padding_repeated_twice), [0, 0]
+            # "valid" pads nothing; "same" may be asymmetric, which nn.ConvNd precomputes.
+            return F.pad(input, self._reversed_padding_repeated_twice), [0] * self._dims
         return input, list(self.padding)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if input.dim() == 3:  # unbatched [C, H, W], as nn.Conv2d accepts
+        if input.dim() == self._dims + 1:  # unbatched [C, *spatial], as nn.ConvNd accepts
             return self.forward(input.unsqueeze(0)).squeeze(0)
         self._maybe_merge()
         index, delta = self._trainable()
         input, padding = self._padded(input)
         args = (list(self.stride), padding, list(self.dilation), self.groups)
         if torch.compiler.is_compiling():
-            return sk.sparse_conv2d(input, self.weight, self.bias, index, delta, *args)
+            return self._compiled_forward(input, index, delta, args)
         x, weight, bias = _ops.autocast_args((input, self.weight, self.bias), input.device.type)
-        return _ops.SparseConv2dFunction.apply(x, weight, bias, index, delta, *args)
+        return _ops.SparseConvFunction.apply(x, weight, bias, index, delta, *args)
 
-    def to_dense(self) -> nn.Conv2d:
-        """A plain ``nn.Conv2d`` holding the merged weight (a copy)."""
-        self._maybe_merge()
-        dense = nn.Conv2d(
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,
-            self.stride,
-            self.padding,
-            self.dilation,
-            self.groups,
-            bias=self.bias is not None,
-            padding_mode=self.padding_mode,
-            device=self.weight.device,
-            dtype=self.weight.dtype,
+    def _compiled_forward(self, input, index, delta, args):
+        """The forward under torch.compile (Conv3d has no registered op: its autograd Function)."""
+        return _ops.SparseConvFunction.apply(input, self.weight, self.bias, index, delta, *args)
+
+    def to_dense(self) -> nn.Module:
+        """A plain ``nn.Conv1d/2d/3d`` holding the merged weight (a copy)."""
+        return self._dense_copy(
+            self._dense_type(
+                self.in_channels,
+                self.out_channels,
+                self.kernel_size,
+                self.stride,
+                self.padding,
+                self.dilation,
+                self.groups,
+                bias=self.bias is not None,
+                padding_mode=self.padding_mode,
+                device=self.weight.device,
+                dtype=self.weight.dtype,
+            )
         )
-        with torch.no_grad():
-            dense.weight.copy_(self.weight)
-            if self.bias is not None:
-                dense.bias.copy_(self.bias)
-        return dense
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, {self._sparse_repr()}"
+
+class SparseDeltaConv1d(_SparseConvMixin, nn.Conv1d):
+    """``nn.Conv1d`` whose trainable part is a k-sized delta on selected weight entries.
+
+    Build it from a dense layer with :meth:`from_dense`. ``isinstance(m, nn.Conv1d)`` holds.
+    The delta's gradient is the Conv2d sampled gradient with height 1 (the same flat index)."""
+
+    _dense_type = nn.Conv1d
+    _dims = 1
+
+    def _compiled_forward(self, input, index, delta, args):
+        # The exact reduction to the registered conv2d op: height 1 on the input and the weight.
+        stride, padding, dilation, groups = args
+        out = sk.sparse_conv2d(
+            input.unsqueeze(2),
+            self.weight.unsqueeze(2),
+            self.bias,
+            index,
+            delta,
+            [1, *stride],
+            [0, *padding],
+            [1, *dilation],
+            groups,
+        )
+        return out.squeeze(2)
+
+
+class SparseDeltaConv2d(_SparseConvMixin, nn.Conv2d):
+    """``nn.Conv2d`` whose trainable part is a k-sized delta on selected weight entries.
+
+    Build it from a dense layer with :meth:`from_dense`. ``isinstance(m, nn.Conv2d)`` holds.
+    Inputs may be batched ``[N, C, H, W]`` or unbatched ``[C, H, W]``, as for ``nn.Conv2d``.
+    """
+
+    _dense_type = nn.Conv2d
+    _dims = 2
+
+    def _compiled_forward(self, input, index, delta, args):
+        return sk.sparse_conv2d(input, self.weight, self.bias, index, delta, *args)
+
+
+class SparseDeltaConv3d(_SparseConvMixin, nn.Conv3d):
+    """``nn.Conv3d`` whose trainable part is a k-sized delta on selected weight entries.
+
+    Build it from a dense layer with :meth:`from_dense`. ``isinstance(m, nn.Conv3d)`` holds.
+    The delta's gradient is computed per temporal tap as a Conv2d sampled gradient over the frames
+    that tap reads (:func:`sara_kernels.ops.sampled_weight_grad_conv3d`)."""
+
+    _dense_type = nn.Conv3d
+    _dims = 3
+
+
+class SparseDeltaEmbedding(_SparseDeltaMixin, nn.Embedding):
+    """``nn.Embedding`` whose trainable part is a k-sized delta on selected table entries.
+
+    Build it from a dense layer with :meth:`from_dense`. ``isinstance(m, nn.Embedding)`` holds.
+    Entry ``(r, c)`` gets the sum of the output gradient at column ``c`` over the tokens equal to
+    ``r``, computed without a dense ``[V, D]`` gradient. ``padding_idx`` (its row gets no gradient)
+    and ``scale_grad_by_freq`` behave as in ``nn.Embedding``. Refused: ``max_norm`` (the forward
+    would renormalise rows of the weight in place, outside the merged state) and ``sparse=True``
+    (the delta's gradient is dense over the k entries already).
+    """
+
+    _dense_type = nn.Embedding
+
+    def _init_sparse(self, index, threshold, k) -> None:
+        self.__dict__.setdefault("_sparse_name", None)
+        if self.max_norm is not None:
+            raise ValueError(
+                f"{self._label()}: max_norm={self.max_norm} is not supported: nn.Embedding renormalises "
+                "the looked-up rows of the weight in place in its forward, which would overwrite the "
+                "merged weight; use an Embedding without max_norm"
+            )
+        if self.sparse:
+            raise ValueError(
+                f"{self._label()}: sparse=True (sparse weight gradients) is not supported: the weight is "
+                "frozen and the k-sized delta gets a dense gradient; use sparse=False"
+            )
+        super()._init_sparse(index, threshold, k)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._maybe_merge()
+        index, delta = self._trainable()
+        return _ops.SparseEmbeddingFunction.apply(
+            input, self.weight, index, delta, self.padding_idx, self.scale_grad_by_freq
+        )
+
+    def to_dense(self) -> nn.Embedding:
+        """A plain ``nn.Embedding`` holding the merged weight (a copy)."""
+        return self._dense_copy(
+            nn.Embedding(
+                self.num_embeddings,
+                self.embedding_dim,
+                padding_idx=self.padding_idx,
+                max_norm=self.max_norm,
+                norm_type=self.norm_type,
+                scale_grad_by_freq=self.scale_grad_by_freq,
+                sparse=self.sparse,
+                device=self.weight.device,
+                dtype=self.weight.dtype,
+            )
+        )
+
+
+#: Every sparse-delta layer type, and the dense type it converts.
+SPARSE_LAYER_TYPES = (
+    SparseDeltaLinear,
+    SparseDeltaConv1d,
+    SparseDeltaConv2d,
+    SparseDeltaConv3d,
+    SparseDeltaEmbedding,
+)
+DENSE_TYPES = tuple(cls._dense_type for cls in SPARSE_LAYER_TYPES)
+
+
+def sparse_type_for(module: nn.Module) -> type | None:
+    """The sparse-delta layer type that converts ``module``, an instance (or subclass instance) of
+    one of the dense types, which are disjoint (None when there is none)."""
+    for cls in SPARSE_LAYER_TYPES:
+        if isinstance(module, cls._dense_type):
+            return cls
+    return None
 
 
 __all__ = [
     "DeltaParameter",
+    "SparseDeltaConv1d",
     "SparseDeltaConv2d",
+    "SparseDeltaConv3d",
+    "SparseDeltaEmbedding",
     "SparseDeltaLinear",
     "SparseStateWarning",
     "dense_state_dict",

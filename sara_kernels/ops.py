@@ -90,6 +90,105 @@ def sampled_weight_grad_conv2d(
     )
 
 
+def _ints(op: str, name: str, value: int | Sequence[int], dims: int) -> list[int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value] * dims
+    value = list(value)
+    if len(value) == 1:
+        value = value * dims
+    if len(value) != dims or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ValueError(f"sara_kernels.{op}: {name} must be an int or {dims} ints, got {value}")
+    return value
+
+
+def _sampled_conv_nd(dims, grad_out, x, index, weight_shape, stride, padding, dilation, groups):
+    op = f"sampled_weight_grad_conv{dims}d"
+    geometry = [
+        _ints(op, n, v, dims) for n, v in (("stride", stride), ("padding", padding), ("dilation", dilation))
+    ]
+    composite = _ops.sampled_weight_grad_conv1d if dims == 1 else _ops.sampled_weight_grad_conv3d
+    return composite(grad_out, x, index, [int(s) for s in weight_shape], *geometry, int(groups))
+
+
+def sampled_weight_grad_conv1d(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    index: torch.Tensor,
+    weight_shape: Sequence[int],
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+) -> torch.Tensor:
+    """The gradient of a Conv1d weight at the selected entries only (the conv2d op, height 1).
+
+    Args:
+        grad_out: ``[N, out, L_out]``; x: ``[N, in, L]``; index: ``[k]`` flat indices into the
+            ``[out, in/groups, K]`` weight; the rest as for ``torch.nn.functional.conv1d``
+            (numeric padding).
+
+    Returns:
+        ``[k]`` fp32 (fp64 for fp64 inputs).
+    """
+    return _sampled_conv_nd(1, grad_out, x, index, weight_shape, stride, padding, dilation, groups)
+
+
+def sampled_weight_grad_conv3d(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    index: torch.Tensor,
+    weight_shape: Sequence[int],
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+) -> torch.Tensor:
+    """The gradient of a Conv3d weight at the selected entries only: per temporal tap, the conv2d
+    op over the frames that tap reads, batched over (N, T_out).
+
+    Args:
+        grad_out: ``[N, out, T_out, P, Q]``; x: ``[N, in, T, H, W]``; index: ``[k]`` flat indices
+            into the ``[out, in/groups, kT, kH, kW]`` weight; the rest as for
+            ``torch.nn.functional.conv3d`` (numeric padding).
+
+    Returns:
+        ``[k]`` fp32 (fp64 for fp64 inputs).
+    """
+    return _sampled_conv_nd(3, grad_out, x, index, weight_shape, stride, padding, dilation, groups)
+
+
+def sampled_weight_grad_embedding(
+    grad_out: torch.Tensor,
+    indices: torch.Tensor,
+    index: torch.Tensor,
+    num_embeddings: int,
+    embedding_dim: int,
+    padding_idx: int | None = None,
+    scale_grad_by_freq: bool = False,
+) -> torch.Tensor:
+    """The gradient of an Embedding weight at the selected entries only, without a dense ``[V, D]``.
+
+    Args:
+        grad_out: ``[..., D]`` gradient of the lookup; indices: ``[...]`` the token ids looked up;
+            index: ``[k]`` flat indices into the ``[V, D]`` weight; padding_idx, scale_grad_by_freq:
+            as for ``nn.Embedding`` (the padding row gets 0; counts divide the gradient).
+
+    Returns:
+        ``[k]`` fp32 (fp64 for fp64 grad_out).
+    """
+    if padding_idx is not None and padding_idx < 0:
+        padding_idx += num_embeddings
+    return _ops.sampled_weight_grad_embedding(
+        grad_out,
+        indices,
+        index,
+        int(num_embeddings),
+        int(embedding_dim),
+        padding_idx,
+        bool(scale_grad_by_freq),
+    )
+
+
 def sparse_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -256,7 +355,10 @@ def restore_(weight: torch.Tensor, index: torch.Tensor, base: torch.Tensor) -> N
 
 __all__ = [
     "restore_",
+    "sampled_weight_grad_conv1d",
     "sampled_weight_grad_conv2d",
+    "sampled_weight_grad_conv3d",
+    "sampled_weight_grad_embedding",
     "sampled_weight_grad_linear",
     "scatter_merge_",
     "select_small_magnitude",

@@ -70,6 +70,51 @@ def sampled_weight_grad_conv2d(
     return dense.reshape(-1)[index.long()]
 
 
+def sampled_weight_grad_conv_nd(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    index: torch.Tensor,
+    weight_shape: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> torch.Tensor:
+    """grad_out: [N, O, *out], x: [N, C, *in] (1, 2 or 3 spatial dims) -> [k]: the dense weight
+    gradient (``torch.nn.grad.conv{1,2,3}d_weight``) at index."""
+    check_range("sampled_weight_grad_conv_nd", index, math.prod(int(s) for s in weight_shape))
+    acc = accumulate_dtype(grad_out, x)
+    dense_weight_grad = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight}.get(
+        len(weight_shape) - 2, torch.nn.grad.conv3d_weight
+    )
+    dense = dense_weight_grad(
+        x.to(acc), list(weight_shape), grad_out.to(acc), stride, padding, dilation, groups
+    )
+    return dense.reshape(-1)[index.long()]
+
+
+def sampled_weight_grad_embedding(
+    grad_out: torch.Tensor,
+    indices: torch.Tensor,
+    index: torch.Tensor,
+    num_embeddings: int,
+    embedding_dim: int,
+    padding_idx: int | None = None,
+    scale_grad_by_freq: bool = False,
+) -> torch.Tensor:
+    """grad_out: [..., D], indices: [...] -> [k]: torch's dense embedding weight gradient at index."""
+    check_range("sampled_weight_grad_embedding", index, num_embeddings * embedding_dim)
+    acc = accumulate_dtype(grad_out)
+    dense = torch.ops.aten.embedding_dense_backward(
+        grad_out.to(acc).reshape(-1, embedding_dim),
+        indices.reshape(-1).long(),
+        num_embeddings,
+        -1 if padding_idx is None else padding_idx,
+        scale_grad_by_freq,
+    )
+    return dense.reshape(-1)[index.long()]
+
+
 def _merged_values(base: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype, alpha: float = 1.0):
     acc = accumulate_dtype(base, delta)
     d = delta.to(acc)

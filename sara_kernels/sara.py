@@ -10,6 +10,7 @@ for batch in data:
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import inspect
 import math
 import re
@@ -21,7 +22,7 @@ from torch import nn
 
 from sara_kernels import nn as sk_nn
 from sara_kernels import reference
-from sara_kernels.nn import SparseDeltaConv2d, SparseDeltaLinear, _SparseDeltaMixin, module_parents
+from sara_kernels.nn import _SparseDeltaMixin, module_parents
 
 DEFAULT_THRESHOLD = 2e-3
 
@@ -34,7 +35,14 @@ _NORM_TYPES = (
     nn.InstanceNorm1d,
     nn.InstanceNorm2d,
     nn.InstanceNorm3d,
+    nn.RMSNorm,
 )
+
+
+def _is_norm(module: nn.Module) -> bool:
+    """A normalisation layer: torch's, or one whose class is named like one (diffusers' RMSNorm,
+    FP32LayerNorm...)."""
+    return isinstance(module, _NORM_TYPES) or type(module).__name__.endswith("Norm")
 
 
 @dataclasses.dataclass
@@ -50,12 +58,23 @@ class SaRAConfig:
         budget_scope: ``"global"`` (one magnitude cut across all targeted layers, like the
             threshold rule) or ``"per_layer"`` (each layer gets ``fraction`` of its entries, or
             ``count`` entries each).
-        target_modules: module names or regexes to convert (None: every Linear and Conv2d). A
-            string entry matches a module whose full name equals it, ends with ``"." + it``, or
-            fully matches it as a regex.
+        target_modules: module names or regexes to convert (None: every Linear, Conv1d, Conv2d,
+            Conv3d and Embedding). A string entry matches a module whose full name equals it, ends
+            with ``"." + it``, or fully matches it as a regex.
         exclude_modules: names or regexes never to convert (same matching).
+        convert_embeddings: convert ``nn.Embedding`` tables too (on by default: a denoiser's class
+            or label embeddings are weights like any other; ``False`` leaves every Embedding
+            frozen, e.g. a text encoder's token table, and lists them in the summary).
+        train_parameters: names or fnmatch patterns of parameters to train densely (kept
+            ``requires_grad=True`` and returned by :func:`sparse_parameters` after the deltas):
+            bare parameters that no sparse-delta layer holds, such as the adaLN
+            ``scale_shift_table`` of PixArt/Sana/Wan or a learned ``pos_embed``. A pattern matches
+            a full parameter name (``model.named_parameters()``) or its end after a dot, so
+            ``"scale_shift_table"`` matches every one of them. Each pattern must match something;
+            a weight of a converted layer cannot be listed (exclude the layer first).
         train_bias: keep every bias trainable (off by default, as in the paper).
-        train_norm: keep normalisation layers' affine parameters trainable (off by default).
+        train_norm: keep normalisation layers' affine parameters trainable (off by default): torch's
+            norms and any layer whose class name ends in ``Norm`` (diffusers' ``RMSNorm``...).
         progressive_at: when :class:`ProgressiveReselection` re-selects: a fraction of the total
             steps in (0, 1) (the paper: 0.5) or a step number; None disables it.
         reset_state_on_reselect: reset Adam moments at re-selection (the official code's
@@ -73,6 +92,8 @@ class SaRAConfig:
     budget_scope: str = "global"
     target_modules: Sequence[str] | str | None = None
     exclude_modules: Sequence[str] | str | None = None
+    convert_embeddings: bool = True
+    train_parameters: Sequence[str] | str | None = None
     train_bias: bool = False
     train_norm: bool = False
     progressive_at: float | int | None = None
@@ -126,6 +147,16 @@ class SaRAConfig:
                             f"SaRAConfig: {name} entry {pattern!r} is not a valid regex: {error}"
                         ) from None
             setattr(self, name, value)
+        if isinstance(self.train_parameters, str):
+            self.train_parameters = [self.train_parameters]
+        if self.train_parameters is not None:
+            self.train_parameters = list(self.train_parameters)
+            if not all(isinstance(v, str) and v for v in self.train_parameters):
+                raise TypeError(
+                    "SaRAConfig: train_parameters must be a string or a list of non-empty strings"
+                )
+        if not isinstance(self.convert_embeddings, bool):
+            raise TypeError(f"SaRAConfig: convert_embeddings must be a bool, got {self.convert_embeddings!r}")
         if not isinstance(self.include_zeros, bool):
             raise TypeError(f"SaRAConfig: include_zeros must be a bool, got {self.include_zeros!r}")
         if self.progressive_at is not None:
@@ -142,7 +173,7 @@ class SaRAConfig:
 @dataclasses.dataclass
 class LayerSelection:
     name: str
-    kind: str  # "linear" | "conv2d"
+    kind: str  # "linear" | "conv1d" | "conv2d" | "conv3d" | "embedding"
     shape: tuple[int, ...]
     numel: int
     k: int
@@ -154,12 +185,32 @@ class LayerSelection:
 
 @dataclasses.dataclass
 class SkippedLayer:
-    """A Linear/Conv2d layer that :func:`apply_sara` targeted but did not convert, and why."""
+    """A Linear/Conv/Embedding layer that :func:`apply_sara` targeted but did not convert, and why."""
 
     name: str
     kind: str  # the module's class name
     numel: int
     reason: str
+
+
+@dataclasses.dataclass
+class FrozenParameters:
+    """Parameters left frozen and not adapted, grouped by (module type, parameter name, reason)."""
+
+    module_type: str
+    parameter: str
+    reason: str
+    count: int
+    numel: int
+    #: True when no configuration trains them as SaRA: a module type without a sparse-delta layer or
+    #: a bare parameter (train it densely with ``SaRAConfig(train_parameters=...)``). False for the
+    #: paper's choices (biases, norms), layers left out by the config and targeted layers that could
+    #: not be converted (listed, with their own warning, in :attr:`SaRASummary.skipped`).
+    unsupported: bool
+
+
+#: :func:`apply_sara` warns when the unsupported frozen parameters exceed this share of the model.
+FROZEN_WARN_SHARE = 0.05
 
 
 @dataclasses.dataclass
@@ -177,6 +228,15 @@ class SaRASummary:
     #: Converted layers whose weights are all exact zeros (e.g. ControlNet's zero convolutions).
     zero_layers: list[str] = dataclasses.field(default_factory=list)
     include_zeros: bool = False
+    #: Parameters neither adapted nor trained, by module type, name and reason.
+    frozen: list[FrozenParameters] = dataclasses.field(default_factory=list)
+    #: (name, numel) of the parameters trained densely (``SaRAConfig.train_parameters``).
+    trained_parameters: list[tuple[str, int]] = dataclasses.field(default_factory=list)
+
+    @property
+    def unsupported_share(self) -> float:
+        """Share of the model's parameters frozen because SaRA cannot adapt them as configured."""
+        return sum(f.numel for f in self.frozen if f.unsupported) / max(1, self.model_parameters)
 
     @property
     def share_of_targeted(self) -> float:
@@ -187,12 +247,12 @@ class SaRASummary:
         return self.total_k / max(1, self.model_parameters)
 
     def __str__(self) -> str:
-        lines = [f"{'layer':<60} {'kind':<7} {'k':>10} {'density':>8}"]
+        lines = [f"{'layer':<60} {'kind':<9} {'k':>10} {'density':>8}"]
         for layer in self.layers:
             note = f"  (shares {layer.shares_with})" if layer.shares_with else ""
             note += f"  (also {', '.join(layer.aliases)})" if layer.aliases else ""
             lines.append(
-                f"{layer.name:<60} {layer.kind:<7} {layer.k:>10} {layer.k / max(1, layer.numel):>8.2%}{note}"
+                f"{layer.name:<60} {layer.kind:<9} {layer.k:>10} {layer.k / max(1, layer.numel):>8.2%}{note}"
             )
         lines.append(
             f"total: {self.total_k} trainable entries = {self.share_of_targeted:.2%} of the "
@@ -214,6 +274,23 @@ class SaRASummary:
             )
             for s in self.skipped:
                 lines.append(f"  {s.name} ({s.kind}, {s.numel} weights): {s.reason}")
+        if self.trained_parameters:
+            total = sum(n for _, n in self.trained_parameters)
+            lines.append(
+                f"trained densely (train_parameters): {len(self.trained_parameters)} parameter(s), "
+                f"{total} values: " + ", ".join(name for name, _ in self.trained_parameters)
+            )
+        if self.frozen:
+            total = sum(f.numel for f in self.frozen)
+            lines.append(
+                f"frozen, not adapted: {total} parameters ({total / max(1, self.model_parameters):.2%} of "
+                f"the model; {self.unsupported_share:.2%} that SaRA cannot adapt as configured):"
+            )
+            for f in sorted(self.frozen, key=lambda f: -f.numel):
+                lines.append(
+                    f"  {f.module_type}.{f.parameter} x{f.count}: {f.numel} "
+                    f"({f.numel / max(1, self.model_parameters):.2%}): {f.reason}"
+                )
         return "\n".join(lines)
 
 
@@ -224,7 +301,7 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
     return False
 
 
-_PLAIN_FORWARD = {nn.Linear: nn.Linear.forward, nn.Conv2d: nn.Conv2d.forward}
+_PLAIN_FORWARD = {dense: dense.forward for dense in sk_nn.DENSE_TYPES}
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 #: ``self.<child>.weight`` read as a value (not just its dtype, device or shape) in a method body.
@@ -265,6 +342,9 @@ class _Target:
     names: list[str]
 
 
+_CONVERTIBLE = "nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d or nn.Embedding"
+
+
 def _plan(model: nn.Module, config: SaRAConfig) -> tuple[list[list[_Target]], list[SkippedLayer]]:
     """Which layers to convert, grouped by shared weight Parameter, and which targeted layers cannot
     be (with the reason). Reads the model; changes nothing."""
@@ -288,7 +368,7 @@ def _plan(model: nn.Module, config: SaRAConfig) -> tuple[list[list[_Target]], li
                 users.setdefault(id(p), []).append((target, key))
         for where, child in _weight_reads(type(target.module)):
             sub = target.module._modules.get(child)
-            if isinstance(sub, (nn.Linear, nn.Conv2d)):
+            if isinstance(sub, sk_nn.DENSE_TYPES):
                 read_by.setdefault(id(sub), where)
         if isinstance(target.module, nn.MultiheadAttention):
             read_by.setdefault(id(target.module.out_proj), "nn.MultiheadAttention.forward")
@@ -297,13 +377,14 @@ def _plan(model: nn.Module, config: SaRAConfig) -> tuple[list[list[_Target]], li
     skipped: list[SkippedLayer] = []
     for target in modules.values():
         module, names = target.module, target.names
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        sparse_cls = sk_nn.sparse_type_for(module)
+        if sparse_cls is None or (sparse_cls is sk_nn.SparseDeltaEmbedding and not config.convert_embeddings):
             continue
         if config.target_modules is not None and not any(_matches(n, config.target_modules) for n in names):
             continue
         if config.exclude_modules is not None and any(_matches(n, config.exclude_modules) for n in names):
             continue
-        base = nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d
+        base = sparse_cls._dense_type
         weight = module._parameters.get("weight")
         reason = None
         owner = sk_nn.owner_of(weight) if isinstance(weight, nn.Parameter) else None
@@ -321,6 +402,12 @@ def _plan(model: nn.Module, config: SaRAConfig) -> tuple[list[list[_Target]], li
                 f"{type(module).__name__} overrides {base.__name__}.forward; converting it would replace "
                 "that forward"
             )
+        elif isinstance(module, nn.Embedding) and (module.max_norm is not None or module.sparse):
+            reason = (
+                "max_norm renormalises the weight in the forward"
+                if module.max_norm is not None
+                else "sparse=True (sparse weight gradients)"
+            ) + ", which a sparse-delta Embedding does not support"
         if reason:
             numel = weight.numel() if isinstance(weight, torch.Tensor) else 0
             skipped.append(SkippedLayer(names[0], type(module).__name__, numel, reason))
@@ -372,10 +459,10 @@ def _plan(model: nn.Module, config: SaRAConfig) -> tuple[list[list[_Target]], li
             )
         if config.target_modules is not None:
             raise ValueError(
-                f"apply_sara: target_modules {config.target_modules} match no nn.Linear or nn.Conv2d "
-                "layer of the model (names are those of model.named_modules())"
+                f"apply_sara: target_modules {config.target_modules} match no {_CONVERTIBLE} layer of "
+                "the model (names are those of model.named_modules())"
             )
-        raise ValueError("apply_sara: the model has no nn.Linear or nn.Conv2d layer to adapt")
+        raise ValueError(f"apply_sara: the model has no {_CONVERTIBLE} layer to adapt")
     return groups, skipped
 
 
@@ -531,9 +618,93 @@ def _warn_zero_cut(kth: float) -> None:
         )
 
 
+def _matches_parameter(name: str, pattern: str) -> bool:
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern)
+
+
+def _train_parameters(
+    model: nn.Module, config: SaRAConfig, groups: list[list[_Target]]
+) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of every parameter ``config.train_parameters`` names, each once; checked
+    (each pattern matches, no converted layer's weight, floating point). Changes nothing."""
+    if not config.train_parameters:
+        return []
+    converted = {id(group[0].module.weight) for group in groups}
+    named = list(model.named_parameters())
+    found: dict[int, tuple[str, nn.Parameter]] = {}
+    for pattern in config.train_parameters:
+        hits = [(n, p) for n, p in named if _matches_parameter(n, pattern)]
+        if not hits:
+            shown = ", ".join(n for n, _ in named[:8]) + (" ..." if len(named) > 8 else "")
+            raise ValueError(
+                f"apply_sara: train_parameters entry {pattern!r} matches no parameter of the model "
+                f"(full names of model.named_parameters(), e.g. {shown})"
+            )
+        for name, param in hits:
+            if id(param) in converted:
+                raise ValueError(
+                    f"apply_sara: train_parameters entry {pattern!r} matches {name!r}, the weight of a layer "
+                    "that apply_sara converts (SaRA trains its small entries); to train it densely, leave "
+                    "the layer out with SaRAConfig(exclude_modules=[...])"
+                )
+            if not param.is_floating_point():
+                raise TypeError(
+                    f"apply_sara: train_parameters entry {pattern!r} matches {name!r} of dtype "
+                    f"{param.dtype}, which cannot be trained"
+                )
+            found.setdefault(id(param), (name, param))
+    return list(found.values())
+
+
+def _frozen_parameters(
+    root: nn.Module, config: SaRAConfig, skipped: list[SkippedLayer]
+) -> list[FrozenParameters]:
+    """Every parameter of ``root`` that is neither adapted nor trainable, grouped by (module type,
+    parameter name, reason)."""
+    not_converted = {s.name: s.reason for s in skipped}
+    groups: dict[tuple[str, str, str], FrozenParameters] = {}
+    seen: set[int] = set()
+    for module_name, module in root.named_modules():
+        sparse = isinstance(module, _SparseDeltaMixin)
+        for key, param in module._parameters.items():
+            if param is None or id(param) in seen:
+                continue
+            seen.add(id(param))
+            if param.requires_grad or (sparse and key in ("weight", "sparse_delta")):
+                continue  # trained (delta, train_* switches) or adapted
+            dense_cls = sk_nn.sparse_type_for(module)
+            unsupported = False
+            if module_name in not_converted and key == "weight":
+                reason = f"not converted: {not_converted[module_name]}"
+            elif key == "bias":
+                reason = "bias (SaRAConfig(train_bias=True) trains biases)"
+            elif _is_norm(module):
+                reason = "normalisation layer (SaRAConfig(train_norm=True) trains them)"
+            elif dense_cls is sk_nn.SparseDeltaEmbedding and not config.convert_embeddings:
+                reason = "Embedding left out (SaRAConfig(convert_embeddings=False))"
+            elif dense_cls is not None and key == "weight":
+                reason = "layer not targeted (SaRAConfig target_modules / exclude_modules)"
+            elif module._modules or key != "weight":
+                reason = (
+                    "a bare parameter, held by no layer SaRA adapts (SaRAConfig(train_parameters=[...]) "
+                    "trains it densely)"
+                )
+                unsupported = True
+            else:
+                reason = f"no sparse-delta layer for {type(module).__name__}"
+                unsupported = True
+            group_key = ((module._dense_type if sparse else type(module)).__name__, key, reason)
+            if group_key not in groups:
+                groups[group_key] = FrozenParameters(*group_key, 0, 0, unsupported)
+            groups[group_key].count += 1
+            groups[group_key].numel += param.numel()
+    return list(groups.values())
+
+
 def apply_sara(model: nn.Module, config: SaRAConfig | None = None) -> nn.Module:
-    """Convert ``model``'s Linear/Conv2d layers to sparse-delta layers in place, select the
-    trainable entries and freeze everything else.
+    """Convert ``model``'s Linear, Conv1d/2d/3d and Embedding layers to sparse-delta layers in
+    place, select the trainable entries and freeze everything else (except the parameters
+    ``config.train_parameters`` names, trained densely).
 
     Everything is checked before anything changes: an error leaves the model as it was. A module
     reached under several names is converted once and replaced everywhere; modules sharing a weight
@@ -548,8 +719,11 @@ def apply_sara(model: nn.Module, config: SaRAConfig | None = None) -> nn.Module:
         config: :class:`SaRAConfig` (default: the paper's global threshold 2e-3).
 
     Returns:
-        ``model`` (modified in place; the new layer when ``model`` itself is a Linear/Conv2d);
-        ``model.sara_summary`` holds a :class:`SaRASummary` and ``model.sara_config`` the config.
+        ``model`` (modified in place; the new layer when ``model`` itself is a convertible layer);
+        ``model.sara_summary`` holds a :class:`SaRASummary` (with every parameter left frozen and
+        why) and ``model.sara_config`` the config. Warns when parameters that SaRA cannot adapt as
+        configured (bare parameters, module types without a sparse-delta layer, layers that could
+        not be converted) exceed ``FROZEN_WARN_SHARE`` (5%) of the model.
 
     Raises:
         ValueError: no layer matches, a targeted layer has an unsupported weight, or the rule
@@ -571,6 +745,7 @@ def apply_sara(model: nn.Module, config: SaRAConfig | None = None) -> nn.Module:
             "combination, or delete_adapter them to train the base"
         )
     groups, skipped = _plan(model, config)
+    dense_trained = _train_parameters(model, config, groups)
     weights = [group[0].module.weight for group in groups]
     targeted_entries = sum(w.numel() for w in weights)
     with torch.no_grad():
@@ -598,7 +773,7 @@ def apply_sara(model: nn.Module, config: SaRAConfig | None = None) -> nn.Module:
         owner_name = None
         for target in group:
             module = target.module
-            cls = SparseDeltaLinear if isinstance(module, nn.Linear) else SparseDeltaConv2d
+            cls = sk_nn.sparse_type_for(module)
             if owner_name is None:
                 new = cls.from_dense(module, index=index.to(module.weight.device), name=target.names[0])
                 new.sparse_threshold = threshold
@@ -611,7 +786,7 @@ def apply_sara(model: nn.Module, config: SaRAConfig | None = None) -> nn.Module:
             layers.append(
                 LayerSelection(
                     target.names[0],
-                    "linear" if cls is SparseDeltaLinear else "conv2d",
+                    cls.__name__.removeprefix("SparseDelta").lower(),
                     tuple(module.weight.shape),
                     module.weight.numel(),
                     int(index.numel()),
@@ -627,9 +802,11 @@ def apply_sara(model: nn.Module, config: SaRAConfig | None = None) -> nn.Module:
                 bias.requires_grad_(True)
     if config.train_norm:
         for module in root.modules():
-            if isinstance(module, _NORM_TYPES):
+            if _is_norm(module):
                 for p in module.parameters(recurse=False):
                     p.requires_grad_(True)
+    for _, param in dense_trained:
+        param.requires_grad_(True)
     deltas = {id(m.sparse_delta) for _, m in sparse_layers(root)}
     zero_layers = [g[0].names[0] for g, w, z in zip(groups, weights, zeros, strict=True) if z == w.numel()]
     summary = SaRASummary(
@@ -642,6 +819,8 @@ def apply_sara(model: nn.Module, config: SaRAConfig | None = None) -> nn.Module:
         zero_entries=sum(zeros),
         zero_layers=zero_layers,
         include_zeros=config.include_zeros,
+        frozen=_frozen_parameters(root, config, skipped),
+        trained_parameters=[(name, param.numel()) for name, param in dense_trained],
     )
     if skipped:
         shown = "; ".join(f"{s.name!r} ({s.kind}): {s.reason}" for s in skipped[:6])
@@ -659,6 +838,17 @@ def apply_sara(model: nn.Module, config: SaRAConfig | None = None) -> nn.Module:
             "zero convolutions: SaRA selects no entry there (exact zeros are initialisations, not small "
             "weights). Train such layers densely (set their requires_grad and give them to the "
             "optimizer), or select zeros with SaRAConfig(include_zeros=True)",
+            UserWarning,
+            stacklevel=2,
+        )
+    if summary.unsupported_share > FROZEN_WARN_SHARE:
+        unsupported = sorted((f for f in summary.frozen if f.unsupported), key=lambda f: -f.numel)
+        shown = "; ".join(
+            f"{f.module_type}.{f.parameter} x{f.count} ({f.numel}): {f.reason}" for f in unsupported[:4]
+        )
+        warnings.warn(
+            f"apply_sara: {summary.unsupported_share:.1%} of the model's parameters stay frozen because "
+            f"SaRA cannot adapt them as configured: {shown} (all listed in model.sara_summary)",
             UserWarning,
             stacklevel=2,
         )
@@ -685,7 +875,8 @@ def _unique_layers(model: nn.Module) -> list[tuple[str, _SparseDeltaMixin]]:
 
 
 def sparse_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The trainable deltas of ``model``'s sparse-delta layers, for the optimizer (each once)."""
+    """The trainable deltas of ``model``'s sparse-delta layers, for the optimizer (each once), then
+    the parameters that ``SaRAConfig.train_parameters`` trains densely (still requiring grad)."""
     layers = _unique_layers(model)
     if not layers:
         raise ValueError("sparse_parameters: the model has no sparse-delta layer (call apply_sara first)")
@@ -695,6 +886,15 @@ def sparse_parameters(model: nn.Module) -> list[nn.Parameter]:
             "sparse_parameters: every sparse delta has requires_grad=False (was requires_grad_(False) "
             "called on the model after apply_sara?); set layer.sparse_delta.requires_grad_(True)"
         )
+    root = sk_nn.unwrap_model(model)
+    summary = getattr(root, "sara_summary", None)
+    for name, _ in summary.trained_parameters if isinstance(summary, SaRASummary) else ():
+        try:
+            param = root.get_parameter(name)
+        except AttributeError:
+            continue  # the model was changed after apply_sara
+        if param.requires_grad:
+            params.append(param)
     return params
 
 
@@ -871,6 +1071,7 @@ __all__ = [
     "DEFAULT_THRESHOLD",
     "ProgressiveReselection",
     "ReselectionSummary",
+    "FrozenParameters",
     "SaRAConfig",
     "SaRASummary",
     "SkippedLayer",

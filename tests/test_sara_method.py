@@ -690,7 +690,9 @@ def test_reselect_survivors_frozen_moments_and_adapter():
             assert torch.equal(got, want)
         state = opt.state[layer.sparse_delta]
         assert torch.equal(state["exp_avg"][:k], b["exp_avg"][keep]) and not state["exp_avg"][k:].any()
-        assert torch.equal(state["exp_avg_sq"][:k], b["exp_avg_sq"][keep]) and not state["exp_avg_sq"][k:].any()
+        assert (
+            torch.equal(state["exp_avg_sq"][:k], b["exp_avg_sq"][keep]) and not state["exp_avg_sq"][k:].any()
+        )
         assert float(state["step"]) == b["step"]
         grad = layer.sparse_delta.grad
         assert grad is None or not grad[k:].any()
@@ -868,7 +870,11 @@ def test_two_rules_at_once():
 
 def test_target_modules_matching_nothing():
     net = make_net()
-    with pytest.raises(ValueError, match=r"target_modules \['to_v'\] match no nn.Linear or nn.Conv2d"):
+    with pytest.raises(
+        ValueError,
+        match=r"target_modules \[.to_v.\] match no nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d or "
+        r"nn.Embedding",
+    ):
         sk.apply_sara(net, sk.SaRAConfig(target_modules=["to_v"]))
     assert not list(sk.sparse_layers(net)) and all(p.requires_grad for p in net.parameters())
 
