@@ -87,9 +87,10 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def _forward_ms(forward, repeats: int) -> dict:
+def _forward_ms(forward, repeats: int, warmup: int = 1) -> dict:
     with torch.no_grad():
-        forward()  # warm-up
+        for _ in range(warmup):
+            forward()
         return ub.summarize([_timed(forward) for _ in range(repeats)])
 
 
@@ -254,7 +255,9 @@ def run_worker(args) -> dict:
         p.requires_grad_(False)
     forward, side = _inputs(args, model)
     result = {"method": args.worker, "latent": side, "threads": torch.get_num_threads()}
-    result["forward_base_ms"] = _forward_ms(forward, args.repeats)
+    result["forward_base_ms"] = _forward_ms(
+        forward, args.repeats, warmup=3
+    )  # the first forwards of a process are slow
     ub.malloc_trim()
     result.update({"sara": worker_sara, "lora": worker_lora}[args.worker](args, model, forward))
     result["peak_rss_bytes"] = ub.peak_rss_bytes()

@@ -1,0 +1,257 @@
+"""``apply_sara`` on thirteen diffusers architectures built from tiny configs (no downloads): every
+Linear / Conv1d / Conv2d / Conv3d / Embedding is converted or listed in the summary with a reason,
+and every other parameter is accounted for in ``sara_summary.frozen`` (nothing is frozen silently).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import sara_kernels as sk
+from sara_kernels.nn import (
+    SparseDeltaConv1d,
+    SparseDeltaConv2d,
+    SparseDeltaConv3d,
+    SparseDeltaEmbedding,
+    SparseDeltaLinear,
+)
+
+diffusers = pytest.importorskip("diffusers")
+
+ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+SPARSE = (SparseDeltaLinear, SparseDeltaConv1d, SparseDeltaConv2d, SparseDeltaConv3d, SparseDeltaEmbedding)
+
+# name: (diffusers class, tiny config)
+ARCHITECTURES = {
+    "sd15_unet": (
+        "UNet2DConditionModel",
+        dict(
+            sample_size=8,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            cross_attention_dim=16,
+            attention_head_dim=4,
+            norm_num_groups=8,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        ),
+    ),
+    "sdxl_unet": (
+        "UNet2DConditionModel",
+        dict(
+            sample_size=8,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            cross_attention_dim=16,
+            attention_head_dim=(2, 4),
+            norm_num_groups=8,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=8 * 6 + 16,
+        ),
+    ),
+    "sd3": (
+        "SD3Transformer2DModel",
+        dict(
+            sample_size=8,
+            patch_size=2,
+            in_channels=4,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=16,
+            caption_projection_dim=16,
+            pooled_projection_dim=8,
+            out_channels=4,
+            pos_embed_max_size=16,
+        ),
+    ),
+    "flux": (
+        "FluxTransformer2DModel",
+        dict(
+            patch_size=1,
+            in_channels=16,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=16,
+            pooled_projection_dim=8,
+            guidance_embeds=True,
+            axes_dims_rope=(2, 2, 4),
+        ),
+    ),
+    "pixart": (
+        "PixArtTransformer2DModel",
+        dict(
+            sample_size=8,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            in_channels=4,
+            out_channels=8,
+            cross_attention_dim=16,
+            caption_channels=16,
+            norm_num_groups=1,
+            patch_size=2,
+        ),
+    ),
+    "sana": (
+        "SanaTransformer2DModel",
+        dict(
+            in_channels=4,
+            out_channels=4,
+            num_attention_heads=2,
+            attention_head_dim=8,
+            num_layers=2,
+            num_cross_attention_heads=2,
+            cross_attention_head_dim=8,
+            cross_attention_dim=16,
+            caption_channels=16,
+            sample_size=8,
+            patch_size=1,
+        ),
+    ),
+    "wan": (
+        "WanTransformer3DModel",
+        dict(
+            patch_size=(1, 2, 2),
+            num_attention_heads=2,
+            attention_head_dim=8,
+            in_channels=4,
+            out_channels=4,
+            text_dim=16,
+            freq_dim=16,
+            ffn_dim=32,
+            num_layers=2,
+            rope_max_seq_len=32,
+        ),
+    ),
+    "cogvideox": (
+        "CogVideoXTransformer3DModel",
+        dict(
+            num_attention_heads=2,
+            attention_head_dim=8,
+            in_channels=4,
+            out_channels=4,
+            time_embed_dim=8,
+            text_embed_dim=16,
+            num_layers=1,
+            sample_width=8,
+            sample_height=8,
+            sample_frames=5,
+            patch_size=2,
+            temporal_compression_ratio=4,
+            max_text_seq_length=8,
+        ),
+    ),
+    "svd": (
+        "UNetSpatioTemporalConditionModel",
+        dict(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+            up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+            block_out_channels=(32, 32),
+            addition_time_embed_dim=4,
+            projection_class_embeddings_input_dim=12,
+            layers_per_block=1,
+            cross_attention_dim=16,
+            transformer_layers_per_block=1,
+            num_attention_heads=(2, 2),
+        ),
+    ),
+    "unet2d": (
+        "UNet2DModel",
+        dict(
+            sample_size=8,
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            norm_num_groups=8,
+            down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+            up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=8,
+        ),
+    ),
+    "vae": (
+        "AutoencoderKL",
+        dict(
+            block_out_channels=(16, 32),
+            norm_num_groups=8,
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            latent_channels=4,
+        ),
+    ),
+    "controlnet": (
+        "ControlNetModel",
+        dict(
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            cross_attention_dim=16,
+            attention_head_dim=4,
+            norm_num_groups=8,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            conditioning_embedding_out_channels=(8, 16),
+        ),
+    ),
+    "hunyuandit": (
+        "HunyuanDiT2DModel",
+        dict(
+            num_attention_heads=2,
+            attention_head_dim=8,
+            in_channels=4,
+            patch_size=2,
+            sample_size=8,
+            hidden_size=16,
+            num_layers=2,
+            cross_attention_dim=16,
+            cross_attention_dim_t5=16,
+            pooled_projection_dim=8,
+            text_len=4,
+            text_len_t5=4,
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_every_adaptable_layer_is_converted_or_reported(name):
+    cls_name, config = ARCHITECTURES[name]
+    torch.manual_seed(0)
+    model = getattr(diffusers, cls_name)(**config)
+    before = {n: type(m) for n, m in model.named_modules() if isinstance(m, ADAPTABLE)}
+    parameters = {n: p.numel() for n, p in model.named_parameters()}
+    with torch.no_grad():  # no exact zeros (a ControlNet's zero convolutions would be left out)
+        for p in model.parameters():
+            p.add_(torch.where(p == 0, 1e-3, 0.0))
+    sk.apply_sara(model, sk.SaRAConfig(fraction=0.05))
+    summary = model.sara_summary
+    skipped = {s.name for s in summary.skipped}
+    converted = {n for n, m in model.named_modules() if isinstance(m, SPARSE)}
+    assert converted, name
+    for module_name, kind in before.items():
+        assert module_name in converted or module_name in skipped, (name, module_name, kind.__name__)
+    assert {layer.name for layer in summary.layers} <= converted
+    # every parameter is adapted, trained densely or listed as frozen
+    adapted = sum(m.weight.numel() for n, m in model.named_modules() if isinstance(m, SPARSE))
+    frozen = sum(f.numel for f in summary.frozen)
+    trained = sum(count for _, count in summary.trained_parameters)
+    weights_of_converted = sum(
+        parameters[f"{n}.weight" if n else "weight"]
+        for n in converted
+        if (f"{n}.weight" if n else "weight") in parameters
+    )
+    assert adapted == weights_of_converted
+    assert adapted + frozen + trained == sum(parameters.values()), (name, adapted, frozen, trained)
+    # one step of the optimizer touches only the deltas (and what the config trains densely)
+    params = sk.sparse_parameters(model)
+    assert params and all(p.requires_grad for p in params)
+    assert sum(p.requires_grad for p in model.parameters()) == len(params)
