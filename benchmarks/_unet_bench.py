@@ -786,7 +786,7 @@ def run_worker(method: str, args) -> dict:
     }
     if profiles:
         result["profile"] = profiles
-    if setup.save is not None:
+    if setup.save is not None and not getattr(args, "no_adapter_size", False):
         progress("saving adapter")
         with tempfile.TemporaryDirectory() as d:
             result["adapter_bytes"] = setup.save(d)

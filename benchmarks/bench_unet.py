@@ -140,6 +140,8 @@ def parse_args(argv=None):
                    "torch.profiler and print the top ops (also stored in the JSON)")
     p.add_argument("--profile-rows", type=int, default=15, help="rows of each --profile table (default 15)")
     p.add_argument("--no-charts", action="store_true", help="skip the PNG charts")
+    p.add_argument("--no-adapter-size", action="store_true",
+                   help="do not save each method's adapter to measure its size (saves time and disk at real scale)")
     p.add_argument("--timeout", type=float, default=900, help="seconds before a method's worker is killed (default 900)")
     p.add_argument("--worker", metavar="METHOD", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -169,6 +171,8 @@ def worker_argv(args, method: str) -> list[str]:
             "--budget", repr(args.budget), "--linear-budget", args.linear_budget, "--lr", repr(args.lr), "--seed", str(args.seed)]
     if args.profile:
         argv += ["--profile", "--profile-rows", str(args.profile_rows)]
+    if args.no_adapter_size:
+        argv += ["--no-adapter-size"]
     for name in ("pretrained", "batch", "latent", "threads", "memory_cap_gib"):
         value = getattr(args, name)
         if value is not None:
