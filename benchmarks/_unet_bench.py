@@ -30,6 +30,13 @@ Measurement definitions (also in the JSON under ``"definitions"``):
   attention linears (``sara_linear``'s). On the tiny UNet every Conv2d input turns out to be saved
   already by the frozen graph (convolution's autograd keeps its input even when only the input
   gradient is needed), so the whole estimate comes from Linear inputs.
+* ``error: out of memory`` (with ``--memory-cap-gib``): after the build the worker's address space
+  may grow by the cap minus its RSS (RLIMIT_AS), and the parent stops a worker whose RSS passes
+  the cap; a failed allocation is reported as the method not fitting, with the allocator's message.
+* DiT workloads (``flux_tiny``, ``sd3_tiny``, ``sd3_medium``): the same methods and measurements;
+  the inputs are the model's own (packed latents and rotary ids for Flux, latents for SD3, text
+  states and pooled projections, timesteps on the model's scale), the loss is the MSE of the
+  output against noise of its shape.
 * ``dense_mask`` keeps compact (k-sized) Adam moments as the task specifies; the official
   repository's ``optim/adamw2.py`` keeps dense moments and int32 masks, which costs far more memory
   (an earlier measurement of that variant: 682 MiB peak overhead on ``tiny``).
