@@ -30,6 +30,13 @@ Measurement definitions (also in the JSON under ``"definitions"``):
   attention linears (``sara_linear``'s). On the tiny UNet every Conv2d input turns out to be saved
   already by the frozen graph (convolution's autograd keeps its input even when only the input
   gradient is needed), so the whole estimate comes from Linear inputs.
+* ``error: out of memory`` (with ``--memory-cap-gib``): after the build the worker's address space
+  may grow by the cap minus its RSS (RLIMIT_AS), and the parent stops a worker whose RSS passes
+  the cap; a failed allocation is reported as the method not fitting, with the allocator's message.
+* DiT workloads (``flux_tiny``, ``sd3_tiny``, ``sd3_medium``): the same methods and measurements;
+  the inputs are the model's own (packed latents and rotary ids for Flux, latents for SD3, text
+  states and pooled projections, timesteps on the model's scale), the loss is the MSE of the
+  output against noise of its shape.
 * ``dense_mask`` keeps compact (k-sized) Adam moments as the task specifies; the official
   repository's ``optim/adamw2.py`` keeps dense moments and int32 masks, which costs far more memory
   (an earlier measurement of that variant: 682 MiB peak overhead on ``tiny``).
@@ -50,6 +57,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -76,10 +84,33 @@ _SD15_COMMON = dict(
     use_linear_projection=False,
 )
 
+class Workload(NamedTuple):
+    config: dict  # the model class's constructor arguments
+    latent: int  # latent height = width (before a DiT's patching)
+    batch: int
+    tokens: int  # text tokens
+    family: str = "unet"  # "unet" (UNet2DConditionModel), "flux" (FluxTransformer2DModel), "sd3" (SD3Transformer2DModel)
+
+
+#: Flux.1-dev's transformer is patch_size 1 on 2x2-packed 16-channel latents (in_channels 64),
+#: 24 heads x 128, 19 double-stream and 38 single-stream blocks; the tiny one keeps the layout.
+_FLUX_TINY = dict(patch_size=1, in_channels=64, num_layers=4, num_single_layers=8, attention_head_dim=64,
+                  num_attention_heads=4, joint_attention_dim=512, pooled_projection_dim=256, guidance_embeds=True,
+                  axes_dims_rope=(16, 24, 24))
+_SD3_TINY = dict(sample_size=32, patch_size=2, in_channels=16, num_layers=8, attention_head_dim=64, num_attention_heads=4,
+                 joint_attention_dim=512, caption_projection_dim=256, pooled_projection_dim=256, out_channels=16,
+                 pos_embed_max_size=64)
+#: stabilityai/stable-diffusion-3-medium-diffusers, transformer/config.json (2.03B parameters).
+SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                  num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                  pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192)
+
 WORKLOADS = {
-    # name: (UNet config, latent size, batch, text tokens)
-    "tiny": (dict(_SD15_COMMON, sample_size=32, block_out_channels=(64, 128, 256, 256), cross_attention_dim=256), 32, 2, 77),
-    "sd15": (dict(_SD15_COMMON, sample_size=64, block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768), 64, 2, 77),
+    "tiny": Workload(dict(_SD15_COMMON, sample_size=32, block_out_channels=(64, 128, 256, 256), cross_attention_dim=256), 32, 2, 77),
+    "sd15": Workload(dict(_SD15_COMMON, sample_size=64, block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768), 64, 2, 77),
+    "flux_tiny": Workload(_FLUX_TINY, 32, 2, 77, "flux"),
+    "sd3_tiny": Workload(_SD3_TINY, 32, 2, 77, "sd3"),
+    "sd3_medium": Workload(SD3_MEDIUM, 128, 1, 77, "sd3"),
 }
 
 #: Linear modules of the attention blocks (Super-Tuning / SHiRA / sara_linear targets). In the
@@ -87,6 +118,24 @@ WORKLOADS = {
 ATTN_LINEARS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
 #: LoRA targets: attention linears, the transformer's proj_in/out, the resnets' convolutions.
 LORA_TARGETS = ATTN_LINEARS + ["proj_in", "proj_out", "conv1", "conv2"]
+#: DiT attention and feed-forward linears, for every Linear-only method and LoRA: the image
+#: stream's q/k/v/out, the text stream's add_q/k/v_proj and to_add_out (joint attention), both
+#: streams' feed-forwards, and Flux's single-stream MLP (proj_mlp, proj_out; the name proj_out
+#: also takes the model's final output projection, a small layer). Not targeted: the AdaLN
+#: modulation linears (norm1.linear, ...), the embedders and the time/text projections, which
+#: diffusers' DreamBooth LoRA scripts leave out too; SaRA (sara) selects over every Linear.
+DIT_LINEARS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+               "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"]
+
+
+def linear_targets(workload: str) -> list[str]:
+    """The attention linears of ``workload``: Super-Tuning / SHiRA / sara_linear targets."""
+    return ATTN_LINEARS if WORKLOADS[workload].family == "unet" else DIT_LINEARS
+
+
+def lora_targets(workload: str) -> list[str]:
+    return LORA_TARGETS if WORKLOADS[workload].family == "unet" else DIT_LINEARS
+
 
 PAPER_THRESHOLD = 2e-3
 
@@ -114,18 +163,57 @@ def rescale_pretrained_like(model: nn.Module) -> None:
                 w.mul_(_rescale_std(fan_in) / std)
 
 
-def build_unet(workload: str, pretrained: str | None, seed: int) -> nn.Module:
-    from diffusers import UNet2DConditionModel
+def build_model(workload: str, pretrained: str | None, seed: int, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model of ``workload`` with random weights rescaled to a trained-model-like std, or a
+    local checkpoint. Built directly in ``dtype`` (a 2B-parameter DiT would need 8 GB in fp32)."""
+    import diffusers
 
+    wl = WORKLOADS[workload]
+    cls = {"unet": diffusers.UNet2DConditionModel, "flux": diffusers.FluxTransformer2DModel,
+           "sd3": diffusers.SD3Transformer2DModel}[wl.family]
     torch.manual_seed(seed)
     if pretrained:
-        sub = "unet" if os.path.isdir(os.path.join(pretrained, "unet")) else None
-        model = UNet2DConditionModel.from_pretrained(pretrained, subfolder=sub)
-    else:
-        config, *_ = WORKLOADS[workload]
-        model = UNet2DConditionModel(**config)
-        rescale_pretrained_like(model)
+        sub = next((s for s in ("unet", "transformer") if os.path.isdir(os.path.join(pretrained, s))), None)
+        return cls.from_pretrained(pretrained, subfolder=sub, torch_dtype=dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        model = cls(**wl.config)
+    finally:
+        torch.set_default_dtype(default)
+    rescale_pretrained_like(model)
     return model
+
+
+def make_inputs(workload: str, config, batch: int, latent: int, generator: torch.Generator) -> tuple[dict, str, tuple]:
+    """Random inputs of one training step: (forward keyword arguments, the name of the input that
+    requires grad for ``frozen``, the shape of the noise target). Timesteps as each model expects
+    them: integer 0-999 (UNet, through its own scheduler convention), float 0-1000 (SD3),
+    float 0-1 (Flux, which multiplies by 1000)."""
+    wl = WORKLOADS[workload]
+    g = generator
+    if wl.family == "unet":
+        x = torch.randn(batch, config.in_channels, latent, latent, generator=g)
+        kwargs = dict(sample=x, timestep=torch.randint(0, 1000, (batch,), generator=g),
+                      encoder_hidden_states=torch.randn(batch, wl.tokens, config.cross_attention_dim, generator=g))
+        return kwargs, "sample", (batch, config.out_channels, latent, latent)
+    text = torch.randn(batch, wl.tokens, config.joint_attention_dim, generator=g)
+    pooled = torch.randn(batch, config.pooled_projection_dim, generator=g)
+    if wl.family == "sd3":
+        x = torch.randn(batch, config.in_channels, latent, latent, generator=g)
+        kwargs = dict(hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled,
+                      timestep=torch.rand(batch, generator=g) * 1000)
+        return kwargs, "hidden_states", (batch, config.out_channels, latent, latent)
+    # Flux: 2x2-packed latents, one token per packed pixel; rotary ids (0, row, col) / zeros for text.
+    side = latent // 2
+    x = torch.randn(batch, side * side, config.in_channels, generator=g)
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).float()
+    kwargs = dict(hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled,
+                  timestep=torch.rand(batch, generator=g), img_ids=img_ids, txt_ids=torch.zeros(wl.tokens, 3))
+    if config.guidance_embeds:
+        kwargs["guidance"] = torch.full((batch,), 3.5)
+    return kwargs, "hidden_states", (batch, side * side, config.out_channels or config.in_channels)
 
 
 def linear_conv_layers(model: nn.Module, linear_only: bool = False, targets: list[str] | None = None):
@@ -188,6 +276,22 @@ def peak_rss_bytes() -> int:
     if kib is None:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return kib * 1024
+
+
+def limit_address_space(cap_bytes: int) -> None:
+    """Let this process's resident memory grow to about ``cap_bytes`` and no further: the address
+    space may grow by ``cap_bytes`` minus the current RSS (RLIMIT_AS), so an allocation past it
+    fails with an out-of-memory error inside the process instead of swapping the machine."""
+    size, rss = _status_kib("VmSize"), _status_kib("VmRSS")
+    if size is None or rss is None:
+        return
+    limit = size * 1024 + max(0, cap_bytes - rss * 1024)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    text = str(error).lower()
+    return isinstance(error, MemoryError) or "can't allocate memory" in text or "out of memory" in text
 
 
 class MemoryMeter:
@@ -339,6 +443,7 @@ class DenseMaskAdamW(torch.optim.Optimizer):
 
 def setup_method(method: str, model: nn.Module, args, K: int, K_linear: int) -> Setup:
     lr = args.lr
+    attn_linears, lora_modules = linear_targets(args.workload), lora_targets(args.workload)
     if method == "frozen":
         for p in model.parameters():
             p.requires_grad_(False)
@@ -359,7 +464,7 @@ def setup_method(method: str, model: nn.Module, args, K: int, K_linear: int) -> 
         import sara_kernels as sk
 
         if method == "sara_linear":
-            cfg = sk.SaRAConfig(count=K_linear, target_modules=ATTN_LINEARS)
+            cfg = sk.SaRAConfig(count=K_linear, target_modules=attn_linears)
         else:
             cfg = sk.SaRAConfig(count=K)
         sk.apply_sara(model, cfg)
@@ -419,7 +524,7 @@ def setup_method(method: str, model: nn.Module, args, K: int, K_linear: int) -> 
     for p in model.parameters():
         p.requires_grad_(False)
     if method == "lora":
-        targets = linear_conv_layers(model, targets=LORA_TARGETS)
+        targets = linear_conv_layers(model, targets=lora_modules)
         per_rank = 0
         for _, m in targets:
             if isinstance(m, nn.Linear):
@@ -427,18 +532,18 @@ def setup_method(method: str, model: nn.Module, args, K: int, K_linear: int) -> 
             else:
                 per_rank += m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1] + m.out_channels
         r = max(1, round(K / per_rank))
-        config = peft.LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=LORA_TARGETS, init_lora_weights=True)
+        config = peft.LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=lora_modules, init_lora_weights=True)
         info = {"rank": r, "targeted_layers": len(targets)}
     elif method == "supertuning":
-        targets = linear_conv_layers(model, linear_only=True, targets=ATTN_LINEARS)
+        targets = linear_conv_layers(model, linear_only=True, targets=attn_linears)
         n = sum(m.weight.numel() for _, m in targets)
-        config = peft.SupertuningConfig(target_modules=ATTN_LINEARS, sparsity=1.0 - K_linear / n, select_top=False)
+        config = peft.SupertuningConfig(target_modules=attn_linears, sparsity=1.0 - K_linear / n, select_top=False)
         info = {"sparsity": config.sparsity, "targeted_layers": len(targets)}
     elif method == "shira":
-        targets = linear_conv_layers(model, linear_only=True, targets=ATTN_LINEARS)
+        targets = linear_conv_layers(model, linear_only=True, targets=attn_linears)
         per_rank = sum(m.in_features + m.out_features for _, m in targets)
         r = max(1, round(K_linear / per_rank))
-        config = peft.ShiraConfig(r=r, target_modules=ATTN_LINEARS, random_seed=args.seed)
+        config = peft.ShiraConfig(r=r, target_modules=attn_linears, random_seed=args.seed)
         info = {"r": r, "targeted_layers": len(targets)}
     else:
         raise ValueError(f"unknown method {method!r}")
@@ -467,7 +572,7 @@ def setup_method(method: str, model: nn.Module, args, K: int, K_linear: int) -> 
 # ---------------------------------------------------------------------------------------------
 # Activation estimate (frozen worker)
 # ---------------------------------------------------------------------------------------------
-def activation_estimate(model: nn.Module, forward: Callable[[], torch.Tensor]) -> dict:
+def activation_estimate(model: nn.Module, forward: Callable[[], torch.Tensor], attn_linears: list[str]) -> dict:
     saved: set[int] = set()
     inputs: dict[int, torch.Tensor] = {}  # storage ptr -> largest input tensor seen on it
     attn_ptrs: set[int] = set()  # storages consumed by an attention linear (sara_linear's layers)
@@ -490,7 +595,7 @@ def activation_estimate(model: nn.Module, forward: Callable[[], torch.Tensor]) -
         return hook
 
     handles = [
-        m.register_forward_hook(make_hook(isinstance(m, nn.Linear) and _matches(n, ATTN_LINEARS)))
+        m.register_forward_hook(make_hook(isinstance(m, nn.Linear) and _matches(n, attn_linears)))
         for n, m in linear_conv_layers(model)
     ]
     try:
@@ -531,11 +636,12 @@ def run_worker(method: str, args) -> dict:
     phases = {}
     t_phase = time.perf_counter()
     progress("building model")
-    model = build_unet(args.workload, args.pretrained, args.seed).to(device=device, dtype=dtype)
+    model = build_model(args.workload, args.pretrained, args.seed, dtype).to(device=device, dtype=dtype)
     model.train()
     layers = linear_conv_layers(model)
     entries = sum(m.weight.numel() for _, m in layers)
-    lin_entries = sum(m.weight.numel() for _, m in linear_conv_layers(model, linear_only=True, targets=ATTN_LINEARS))
+    attn_linears = linear_targets(args.workload)
+    lin_entries = sum(m.weight.numel() for _, m in linear_conv_layers(model, linear_only=True, targets=attn_linears))
     K = int(round(args.budget * entries))
     # The Linear-only methods (supertuning, shira, sara_linear) get the same K on the attention
     # linears ('same-k', default) or the same density of them ('same-density').
@@ -543,18 +649,21 @@ def run_worker(method: str, args) -> dict:
     K_linear = min(K_linear, lin_entries)
     below = sum(int((m.weight.detach().abs() < PAPER_THRESHOLD).sum()) for _, m in layers)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    model_params = sum(p.numel() for p in model.parameters())
 
-    config = model.config
-    latent = config.sample_size
-    batch = args.batch or WORKLOADS.get(args.workload, WORKLOADS["tiny"])[2]
-    tokens = WORKLOADS.get(args.workload, WORKLOADS["tiny"])[3]
+    wl = WORKLOADS[args.workload]
+    latent = getattr(args, "latent", None) or wl.latent
+    batch = args.batch or wl.batch
     g = torch.Generator().manual_seed(args.seed)
-    latents = torch.randn(batch, config.in_channels, latent, latent, generator=g).to(device, dtype)
-    noise = torch.randn(batch, config.out_channels, latent, latent, generator=g).to(device, dtype)
-    text = torch.randn(batch, tokens, config.cross_attention_dim, generator=g).to(device, dtype)
-    timesteps = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    inputs, grad_input, noise_shape = make_inputs(args.workload, model.config, batch, latent, g)
+    inputs = {k: v.to(device, dtype) if v.is_floating_point() and k not in ("timestep", "img_ids", "txt_ids")
+              else v.to(device) for k, v in inputs.items()}
+    noise = torch.randn(noise_shape, generator=g).to(device, dtype)
+    latents = inputs[grad_input]
 
     baseline = meter.current()
+    if getattr(args, "memory_cap_gib", None) and device.type == "cpu":
+        limit_address_space(int(args.memory_cap_gib * 1024**3))
     phases["build"] = time.perf_counter() - t_phase
     t_phase = time.perf_counter()
     progress("applying method")
@@ -571,7 +680,7 @@ def run_worker(method: str, args) -> dict:
             torch.cuda.synchronize(device)
 
     def forward():
-        return model(latents, timesteps, encoder_hidden_states=text).sample
+        return model(**inputs).sample
 
     state = {}
     losses = []
@@ -634,6 +743,7 @@ def run_worker(method: str, args) -> dict:
             fwd_ng_times.append(time.perf_counter() - t0)
         del out
     peak = meter.peak()
+    load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
     phases["measure"] = time.perf_counter() - t_phase
     t_phase = time.perf_counter()
     profiles = {}
@@ -652,6 +762,8 @@ def run_worker(method: str, args) -> dict:
     result = {
         "method": method,
         "workload": args.workload if not args.pretrained else f"pretrained:{args.pretrained}",
+        "family": wl.family,
+        "model_params": model_params,
         "device": str(device),
         "dtype": args.dtype,
         "threads": torch.get_num_threads(),
@@ -672,6 +784,7 @@ def run_worker(method: str, args) -> dict:
         "peak_bytes": peak,
         "peak_overhead_bytes": peak - baseline,
         "peak_reset_ok": meter.peak_reset,
+        "load_average_after_timing": load_after,  # > the CPU count: other processes shared the cores
         "step_ms": summarize(times),
         "fwd_ms": summarize(fwd_times),
         "fwd_nograd_ms": summarize(fwd_ng_times),
@@ -680,13 +793,13 @@ def run_worker(method: str, args) -> dict:
     }
     if profiles:
         result["profile"] = profiles
-    if setup.save is not None:
+    if setup.save is not None and not getattr(args, "no_adapter_size", False):
         progress("saving adapter")
         with tempfile.TemporaryDirectory() as d:
             result["adapter_bytes"] = setup.save(d)
     if method == "frozen":
         progress("activation estimate")
-        result["activation_estimate"] = activation_estimate(model, forward)
+        result["activation_estimate"] = activation_estimate(model, forward, linear_targets(args.workload))
     phases["profile_save_estimate"] = time.perf_counter() - t_phase
     result["phase_s"] = phases
     return result

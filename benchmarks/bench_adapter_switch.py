@@ -49,7 +49,9 @@ MIX = (0.5, 0.3, 0.2)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workload", default="sd15", choices=sorted(ub.WORKLOADS))
+    p.add_argument(
+        "--workload", default="sd15", choices=sorted(n for n, w in ub.WORKLOADS.items() if w.family == "unet")
+    )
     p.add_argument("--methods", default="sara,lora")
     p.add_argument("--budget", type=float, default=0.058, help="adapter size: share of Linear+Conv2d entries")
     p.add_argument(
@@ -72,7 +74,8 @@ def parse_args(argv=None):
 # Worker helpers
 # ---------------------------------------------------------------------------------------------
 def _inputs(args, model):
-    config, latent, _, tokens = ub.WORKLOADS[args.workload]
+    workload = ub.WORKLOADS[args.workload]
+    config, latent, tokens = workload.config, workload.latent, workload.tokens
     side = args.latent or (32 if args.workload == "sd15" else latent)
     g = torch.Generator().manual_seed(args.seed + 1)
     x = torch.randn(1, config["in_channels"], side, side, generator=g)
@@ -173,6 +176,7 @@ def worker_sara(args, model, forward) -> dict:
     out["disable_ms"] = _switch_ms(lambda s: sk.set_adapters(model, s), [[], ["b"]], args.switches)
     sk.disable_adapters(model)
     out["base_restored_checksum_equal"] = _checksum(model) == base_sum
+    out["base_checksum_drift"] = _checksum(model) - base_sum
     out["forward_disabled_ms"] = _forward_ms(forward, args.repeats)
     return out
 
@@ -243,14 +247,16 @@ def worker_lora(args, model, forward) -> dict:
     model.unfuse_lora()
     model.disable_adapters()
     out["forward_disabled_ms"] = _forward_ms(forward, args.repeats)
+    # fuse_lora + unfuse_lora adds and subtracts B·A in the weight's dtype: not exact.
     out["base_restored_checksum_equal"] = _checksum(model) == base_sum
+    out["base_checksum_drift"] = _checksum(model) - base_sum
     return out
 
 
 def run_worker(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = ub.build_unet(args.workload, None, args.seed).eval()
+    model = ub.build_model(args.workload, None, args.seed).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     forward, side = _inputs(args, model)
@@ -374,7 +380,14 @@ def main(argv=None) -> int:
         "mix_weights": list(MIX),
         "results": results,
     }
-    text = table(results)
+    text = (
+        table(results)
+        + "\n\nbase weights restored exactly after the switches (sum over every weight, fp64): "
+        + ", ".join(
+            f"{m}: {'yes' if r.get('base_restored_checksum_equal') else 'no (drift ' + format(r.get('base_checksum_drift', 0), '.3g') + ')'}"
+            for m, r in results.items()
+        )
+    )
     print(text)
     with open(out, "w") as f:
         json.dump(report, f, indent=1)

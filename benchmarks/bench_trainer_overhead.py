@@ -112,10 +112,10 @@ class _Timer:
 def unet_share(steps: int) -> dict:
     import _unet_bench as ub
 
-    config, size, batch, tokens = ub.WORKLOADS["tiny"]
+    config, size, batch, tokens, _ = ub.WORKLOADS["tiny"]
     results = {}
     for name in ("SparseAdamW", "torch AdamW"):
-        unet = ub.build_unet("tiny", None, seed=0)
+        unet = ub.build_model("tiny", None, seed=0)
         sk.apply_sara(unet, sk.SaRAConfig(fraction=0.058))
         deltas = sk.sparse_parameters(unet)
         opt = sk.SparseAdamW(deltas, lr=1e-4) if name == "SparseAdamW" else torch.optim.AdamW(deltas, lr=1e-4)

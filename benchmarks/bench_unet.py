@@ -1,7 +1,9 @@
-"""Fine-tuning methods on a diffusers UNet: training memory, step time and adapter size.
+"""Fine-tuning methods on a diffusers UNet or DiT: training memory, step time and adapter size.
 
     python benchmarks/bench_unet.py                                   # tiny UNet, CPU, every method (< 5 min on 2 cores)
     python benchmarks/bench_unet.py --quick --methods frozen,sara,lora  # smoke test (< 90 s)
+    python benchmarks/bench_unet.py --workload flux_tiny              # tiny FluxTransformer2DModel, CPU, every method
+    python benchmarks/bench_unet.py --workload sd3_tiny               # tiny SD3Transformer2DModel, CPU, every method
     python benchmarks/bench_unet.py --workload sd15 --device cuda     # SD 1.5 UNet config on a GPU
     python benchmarks/bench_unet.py --pretrained /path/to/sd15 --device cuda   # a local diffusers checkpoint
 
@@ -15,6 +17,9 @@ trainable budget K (``--budget``, default 5.8% of the Linear+Conv2d weight entri
   lora              PEFT LoRA (attention linears, proj_in/out, resnet conv1/conv2), rank matched to K
   supertuning       PEFT Super-Tuning, select_top=False (smallest |w|), attention linears only
                     (to_q/k/v, to_out.0, ff), sparsity matched to K
+                    (DiTs: LoRA, Super-Tuning, SHiRA and sara_linear all target the attention and
+                    feed-forward linears of both streams: to_q/k/v, to_out.0, add_q/k/v_proj,
+                    to_add_out, ff, ff_context, and Flux's proj_mlp/proj_out; see DIT_LINEARS)
   shira             PEFT SHiRA (random mask), attention linears only, r matched to K
   sara_linear       sara_kernels on the same attention linears with the same K: the like-for-like
                     row for supertuning / shira (see --linear-budget)
@@ -29,7 +34,8 @@ The synthetic workloads rescale each Linear/Conv2d weight to a trained-UNet-like
 (0.6/sqrt(fan_in) clamped to [0.02, 0.05]); the share of entries below the paper's θ = 2e-3 is
 printed. Measurement definitions are in benchmarks/_unet_bench.py and in the JSON.
 
-Output: a table, JSON (default benchmarks/results/unet_<workload>_<device>.json) and two PNG
+Output: a table, JSON (default benchmarks/results/unet_<workload>_<device>.json, dit_<workload>_...
+for the DiTs) and two PNG
 charts next to it (<stem>_memory.png, <stem>_time.png). The targets (stated for ``tiny`` on CPU)
 are reported as met/missed; they are not assertions and the exit status does not depend on them.
 """
@@ -82,8 +88,10 @@ def parse_args(argv=None):
     )
     p.add_argument("--workload", choices=sorted(ub.WORKLOADS), default="tiny",
                    help="UNet config: 'tiny' (64-128-256-256, cross-attn 256, 32x32 latents, batch 2; the CPU default) "
-                   "or 'sd15' (the SD 1.5 UNet: 320-640-1280-1280, cross-attn 768, 64x64 latents; for GPUs). "
-                   "Default: tiny")
+                   "or 'sd15' (the SD 1.5 UNet: 320-640-1280-1280, cross-attn 768, 64x64 latents; for GPUs); "
+                   "DiTs: 'flux_tiny' (FluxTransformer2DModel, 2 double + 4 single blocks, width 256), 'sd3_tiny' "
+                   "(SD3Transformer2DModel, 4 blocks, width 256), both 32x32 latents, batch 2, 77 text tokens, and "
+                   "'sd3_medium' (SD3-medium's transformer config, 2.0B parameters). Default: tiny")
     p.add_argument("--pretrained", metavar="DIR", default=None,
                    help="load a local diffusers UNet checkpoint (DIR or DIR/unet) instead of building --workload "
                    "from its config; no weight rescaling")
@@ -113,7 +121,13 @@ def parse_args(argv=None):
                    help="budget of the Linear-only methods (supertuning, shira, sara_linear) on the attention "
                    "linears: 'same-k' (default: the same K entries, i.e. a higher density of those layers) or "
                    "'same-density' (--budget of the attention linears' entries)")
-    p.add_argument("--batch", type=int, default=None, help="batch size (default: 2 for both workloads)")
+    p.add_argument("--batch", type=int, default=None, help="batch size (default: the workload's, 2 for the tiny ones)")
+    p.add_argument("--latent", type=int, default=None,
+                   help="latent height = width (default: the workload's; 32 for the tiny ones)")
+    p.add_argument("--memory-cap-gib", type=float, default=None,
+                   help="CPU: a worker may grow to about this resident size (GiB) and no further: its address "
+                   "space is limited (RLIMIT_AS) after the build and this process stops it if its RSS passes "
+                   "the cap; the method is then reported as not fitting (default: no cap)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads in each worker (default: torch's default)")
     p.add_argument("--lr", type=float, default=1e-4, help="learning rate of every optimizer (default 1e-4)")
@@ -126,6 +140,8 @@ def parse_args(argv=None):
                    "torch.profiler and print the top ops (also stored in the JSON)")
     p.add_argument("--profile-rows", type=int, default=15, help="rows of each --profile table (default 15)")
     p.add_argument("--no-charts", action="store_true", help="skip the PNG charts")
+    p.add_argument("--no-adapter-size", action="store_true",
+                   help="do not save each method's adapter to measure its size (saves time and disk at real scale)")
     p.add_argument("--timeout", type=float, default=900, help="seconds before a method's worker is killed (default 900)")
     p.add_argument("--worker", metavar="METHOD", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -155,11 +171,24 @@ def worker_argv(args, method: str) -> list[str]:
             "--budget", repr(args.budget), "--linear-budget", args.linear_budget, "--lr", repr(args.lr), "--seed", str(args.seed)]
     if args.profile:
         argv += ["--profile", "--profile-rows", str(args.profile_rows)]
-    for name in ("pretrained", "batch", "threads"):
+    if args.no_adapter_size:
+        argv += ["--no-adapter-size"]
+    for name in ("pretrained", "batch", "latent", "threads", "memory_cap_gib"):
         value = getattr(args, name)
         if value is not None:
-            argv += ["--" + name, str(value)]
+            argv += ["--" + name.replace("_", "-"), str(value)]
     return argv
+
+
+def child_rss(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 class Progress:
@@ -207,12 +236,18 @@ def run_method(args, method: str, i: int, progress: Progress) -> dict:
 
     reader = threading.Thread(target=read_stderr, daemon=True)
     reader.start()
+    cap = int(args.memory_cap_gib * 1024**3) if args.memory_cap_gib else None
+    over_cap = False
     while proc.poll() is None:
         progress.update(i, method, status[0], t0)
         if time.perf_counter() - t0 > args.timeout:
             proc.kill()
             break
-        time.sleep(0.25)
+        if cap and (child_rss(proc.pid) or 0) > cap:
+            over_cap = True
+            proc.kill()
+            break
+        time.sleep(0.1 if cap else 0.25)
     out = proc.stdout.read()
     proc.wait()
     reader.join(timeout=5)
@@ -225,6 +260,13 @@ def run_method(args, method: str, i: int, progress: Progress) -> dict:
                 break
             except json.JSONDecodeError:
                 pass
+    if over_cap:
+        result = {"method": method, "error": f"out of memory: RSS passed the {args.memory_cap_gib:g} GiB cap, stopped",
+                  "memory_cap_gib": args.memory_cap_gib}
+    if result is not None and "error" in result:
+        progress.done(i, method, "out of memory" if "memory" in result["error"] else "FAILED", t0)
+        result.update(wall_s=wall, stderr_tail="".join(log[-10:]))
+        return result
     if proc.returncode != 0 or result is None:
         why = "timed out" if wall > args.timeout else f"exit {proc.returncode}"
         progress.done(i, method, f"FAILED ({why})", t0)
@@ -444,15 +486,27 @@ def charts(results: dict, order: list[str], stem: str, title: str) -> list[str]:
     return paths
 
 
+def family_label(args) -> str:
+    return {"unet": "UNet", "flux": "Flux DiT", "sd3": "SD3 DiT"}[ub.WORKLOADS[args.workload].family]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
-        ub.dump(ub.run_worker(args.worker, args))
+        try:
+            result = ub.run_worker(args.worker, args)
+        except (MemoryError, RuntimeError) as e:
+            if not ub.is_out_of_memory(e):
+                raise
+            result = {"method": args.worker, "error": "out of memory" + (
+                f" under the {args.memory_cap_gib:g} GiB cap" if args.memory_cap_gib else ""),
+                "detail": str(e)[:400], "memory_cap_gib": args.memory_cap_gib}
+        ub.dump(result)
         return 0
 
     t_start = time.perf_counter()
     order = args.method_list
-    print(f"UNet benchmark: workload={args.pretrained or args.workload} device={args.device} dtype={args.dtype} "
+    print(f"{family_label(args)} benchmark: workload={args.pretrained or args.workload} device={args.device} dtype={args.dtype} "
           f"budget={args.budget:.1%} warm-up={args.warmup} steps={args.steps} forward={args.fwd_steps} rounds={args.rounds} "
           f"methods={','.join(order)}")
     try:
@@ -507,8 +561,9 @@ def main(argv=None) -> int:
         print("\nearlier anchors on this workload (CPU, 2 threads, peft 0.21.2):")
         print("\n".join(anchors))
 
+    prefix = "unet" if ub.WORKLOADS[args.workload].family == "unet" else "dit"
     out = args.out or os.path.join(
-        HERE, "results", f"unet_{args.workload if not args.pretrained else 'pretrained'}_"
+        HERE, "results", f"{prefix}_{args.workload if not args.pretrained else 'pretrained'}_"
         f"{args.device.split(':')[0]}{'' if args.dtype == 'fp32' else '_' + args.dtype}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     stem = os.path.splitext(out)[0]
@@ -529,7 +584,7 @@ def main(argv=None) -> int:
     chart_paths = []
     if not args.no_charts:
         try:
-            chart_paths = charts(results, order, stem, f"UNet {args.pretrained or args.workload} on {args.device} "
+            chart_paths = charts(results, order, stem, f"{family_label(args)} {args.pretrained or args.workload} on {args.device} "
                                  f"({args.dtype}), budget {args.budget:.1%}")
         except ImportError:
             print("matplotlib is not installed: no charts")
