@@ -441,6 +441,18 @@ class DenseMaskAdamW(torch.optim.Optimizer):
                 p[mask] = values.to(p.dtype)
 
 
+def lora_rank(targets, K: int) -> int:
+    """The LoRA rank whose A and B matrices over ``targets`` ((name, module) pairs) hold about K
+    parameters."""
+    per_rank = 0
+    for _, m in targets:
+        if isinstance(m, nn.Linear):
+            per_rank += m.in_features + m.out_features
+        else:
+            per_rank += m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1] + m.out_channels
+    return max(1, round(K / per_rank))
+
+
 def setup_method(method: str, model: nn.Module, args, K: int, K_linear: int) -> Setup:
     lr = args.lr
     attn_linears, lora_modules = linear_targets(args.workload), lora_targets(args.workload)
@@ -525,13 +537,7 @@ def setup_method(method: str, model: nn.Module, args, K: int, K_linear: int) -> 
         p.requires_grad_(False)
     if method == "lora":
         targets = linear_conv_layers(model, targets=lora_modules)
-        per_rank = 0
-        for _, m in targets:
-            if isinstance(m, nn.Linear):
-                per_rank += m.in_features + m.out_features
-            else:
-                per_rank += m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1] + m.out_channels
-        r = max(1, round(K / per_rank))
+        r = lora_rank(targets, K)
         config = peft.LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=lora_modules, init_lora_weights=True)
         info = {"rank": r, "targeted_layers": len(targets)}
     elif method == "supertuning":

@@ -40,7 +40,6 @@ sys.path.insert(0, HERE)
 
 import _unet_bench as ub  # noqa: E402
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
 
 MiB = 1024 * 1024
 NAMES = ("a", "b", "c")
@@ -186,13 +185,7 @@ def worker_lora(args, model, forward) -> dict:
 
     K = _budget(model, args.budget)
     targets = ub.linear_conv_layers(model, targets=ub.LORA_TARGETS)
-    per_rank = 0
-    for _, m in targets:
-        if isinstance(m, nn.Linear):
-            per_rank += m.in_features + m.out_features
-        else:
-            per_rank += m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1] + m.out_channels
-    r = max(1, round(K / per_rank))
+    r = ub.lora_rank(targets, K)
     out = {"budget_entries": K, "rank": r, "targeted_layers": len(targets), "peft_version": peft.__version__}
     rss0 = ub.rss_bytes()
     base_sum = _checksum(model)
