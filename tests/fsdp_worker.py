@@ -67,6 +67,12 @@ def train(model, optimizer, x, y, steps=STEPS) -> list[float]:
     return losses
 
 
+def edit_deltas(model: nn.Module) -> None:
+    """Write every delta through ``.data`` (as diffusers' ``EMAModel.copy_to`` does)."""
+    for _, layer in sk.sparse_layers(model):
+        layer.sparse_delta.data.add_(0.01)
+
+
 def _error(fn) -> str | None:
     try:
         fn()
@@ -101,6 +107,12 @@ def run(mode: str, rank: int, world: int, out: str) -> dict:
         result["deltas"] = {n: layer.sparse_delta.detach().clone() for n, layer in layers.items()}
         result["weights"] = {n: layer.weight.full_tensor().detach().clone() for n, layer in layers.items()}
         result["local_rows"] = {n: layer.weight.to_local().shape[0] for n, layer in layers.items()}
+        edit_deltas(model)
+        with torch.no_grad():  # the stale deltas are merged in this forward, shard and gathered weight
+            result["edited_output"] = model(x)
+        result["edited_weights"] = {
+            n: layer.weight.full_tensor().detach().clone() for n, layer in layers.items()
+        }
         result["state_dict_keys"] = sorted(model.state_dict().keys())
         result["reselect_error"] = _error(lambda: sk.reselect_(model, optimizer))
         save_adapter(model, os.path.join(out, f"{mode}.safetensors"))  # every rank; rank 0 writes

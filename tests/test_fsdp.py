@@ -97,6 +97,17 @@ def test_fully_shard_matches_single_process(optimizer, tmp_path):
     mean = [(a + b) / 2 for a, b in zip(ranks[0]["losses"], ranks[1]["losses"], strict=True)]
     torch.testing.assert_close(torch.tensor(mean), torch.tensor(losses), rtol=1e-5, atol=1e-6)
 
+    # deltas written through .data after training: the next forward merges them on every rank
+    worker.edit_deltas(reference)
+    with torch.no_grad():
+        edited = reference(x)
+    for result in ranks:
+        torch.testing.assert_close(result["edited_output"], edited, rtol=1e-5, atol=1e-6)
+        for name, layer in layers.items():
+            torch.testing.assert_close(
+                result["edited_weights"][name], layer.weight.detach(), rtol=1e-5, atol=1e-6
+            )
+
     # the adapter written by rank 0 gives a fresh single-process model the reference weights
     fresh = worker.build_model()
     sk.load_adapter(fresh, tmp_path / f"{optimizer}.safetensors")

@@ -28,9 +28,10 @@ Usage::
 
 (:func:`shard_sara_model` does the same in one call.) ``SparseAdamW`` and every ``torch.optim``
 optimizer work; ``model.state_dict()`` holds the sharded weights (``DTensor``) and the replicated
-sparse tensors; :func:`save_adapter` (here) writes the adapter from rank 0. Not supported on a sharded
-model: changing the adapted entries (re-selection, ``set_entries_``, loading a sparse state dict);
-do those before :func:`prepare_fsdp`.
+sparse tensors; :func:`save_adapter` (here) writes the adapter from rank 0. Not supported on a
+sharded model: changing the adapted entries (re-selection, ``set_entries_``: errors), loading a
+state dict or an adapter (the loaders read the weight as one dense tensor); do those before
+:func:`prepare_fsdp`.
 """
 
 from __future__ import annotations
