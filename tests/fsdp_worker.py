@@ -97,6 +97,15 @@ def run(mode: str, rank: int, world: int, out: str) -> dict:
     elif mode == "not_ignored":
         prepare_fsdp(model, mesh)
         result["error"] = _error(lambda: fully_shard(model.fc1, mesh=mesh))
+    elif mode == "shard_dim1":
+        from torch.distributed.tensor import Shard
+
+        deltas = prepare_fsdp(model, mesh)
+        result["error"] = _error(
+            lambda: fully_shard(
+                model.fc1, mesh=mesh, ignored_params=deltas, shard_placement_fn=lambda p: Shard(p.dim() - 1)
+            )
+        )
     else:
         shard_sara_model(model, mesh, blocks=[model.conv, model.fc1, model.fc2])
         result["param_types"] = {n: type(p).__name__ for n, p in model.named_parameters()}
@@ -123,7 +132,7 @@ def run(mode: str, rank: int, world: int, out: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument(
-        "--mode", choices=["sparse_adamw", "adamw", "unprepared", "not_ignored"], required=True
+        "--mode", choices=["sparse_adamw", "adamw", "unprepared", "not_ignored", "shard_dim1"], required=True
     )
     parser.add_argument("--out", required=True)
     args = parser.parse_args()

@@ -125,3 +125,9 @@ def test_fully_shard_sharding_the_deltas_is_an_error(tmp_path):
     ranks = _launch("not_ignored", tmp_path)
     for result in ranks:
         assert "'fc1'" in result["error"] and "ignored_params" in result["error"]
+
+
+def test_fully_shard_on_another_dim_is_an_error(tmp_path):
+    ranks = _launch("shard_dim1", tmp_path)
+    for result in ranks:
+        assert "'fc1'" in result["error"] and "Shard(0)" in result["error"]
