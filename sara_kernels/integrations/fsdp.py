@@ -168,7 +168,8 @@ def _shard_start(layer, weight) -> int:
 
 def _sharded_class(cls: type) -> type:
     if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"Sharded{cls.__name__}", (_ShardedSparseMixin, cls), {"__module__": __name__})
+        name = f"Sharded{cls.__name__}"
+        _CLASSES[cls] = globals()[name] = type(name, (_ShardedSparseMixin, cls), {"__module__": __name__})
     return _CLASSES[cls]
 
 
