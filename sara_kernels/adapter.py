@@ -151,6 +151,8 @@ def weight_fingerprint(
         A JSON-serialisable dict.
     """
     weight = weight.detach()
+    if type(weight).__name__ == "DTensor":
+        weight = weight.full_tensor()  # a weight sharded by FSDP2: a collective (every rank calls)
     if not weight.is_contiguous():
         weight = weight.contiguous()  # logical (row-major) order, as the indices address it
     flat = weight.reshape(-1)

@@ -600,6 +600,12 @@ class _SparseDeltaMixin:
     def __setattr__(self, name, value):
         if name == "weight" and "_sparse_weight" in self.__dict__ and not getattr(_LOCAL, "loading", False):
             if value is not self.__dict__["_sparse_weight"]:
+                if type(value).__name__ == "DTensor":  # FSDP2 registers its shard
+                    raise RuntimeError(
+                        f"{self._label()}: its weight is being sharded (FSDP2 fully_shard); call "
+                        "sara_kernels.integrations.fsdp.prepare_fsdp(model, mesh) first and pass the "
+                        "deltas it returns as fully_shard(..., ignored_params=...)"
+                    )
                 raise RuntimeError(
                     f"{self._label()}: cannot assign a new weight to a sparse-delta layer (its index "
                     "addresses the current one); call sara_kernels.merge_and_unload first"

@@ -122,6 +122,7 @@ class SparseAdamW(torch.optim.Optimizer):
                 layer = layer_of(p)
                 if (
                     layer is not None
+                    and not getattr(layer, "_sara_merges_locally", False)
                     and p.dim() == 1
                     and grad.dtype == torch.float32
                     and grad.shape == p.shape
@@ -132,6 +133,8 @@ class SparseAdamW(torch.optim.Optimizer):
                     reference.adamw_update_(
                         p, grad, state["exp_avg"], state["exp_avg_sq"], step=step, **hyper
                     )
+                    if layer is not None:
+                        layer.merge_()  # e.g. a weight sharded by FSDP2: the layer merges its shard
             if fused:
                 self._fused_step(fused, hyper, group.get("foreach"))
         return loss

@@ -976,6 +976,8 @@ def reselect_(
     kept_total = frozen_total = 0
     per_layer = {}
     for (name, layer), theta in zip(layers, thetas, strict=True):
+        if getattr(layer, "_sara_merges_locally", False):  # a weight sharded by FSDP2
+            layer._unsupported("re-selection (reselect_)")
         layer._maybe_merge()
         index, _, _ = layer.trainable_state()
         current = layer.weight.detach().reshape(-1)[index.long()].float().abs()
