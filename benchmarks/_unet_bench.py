@@ -37,7 +37,7 @@ Measurement definitions (also in the JSON under ``"definitions"``):
   the inputs are the model's own (packed latents and rotary ids for Flux, latents for SD3, text
   states and pooled projections, timesteps on the model's scale), the loss is the MSE of the
   output against noise of its shape.
-* ``dense_mask`` keeps compact (k-sized) Adam moments as the task specifies; the official
+* ``dense_mask`` keeps compact (k-sized) Adam moments, the lean form of the scheme; the official
   repository's ``optim/adamw2.py`` keeps dense moments and int32 masks, which costs far more memory
   (an earlier measurement of that variant: 682 MiB peak overhead on ``tiny``).
 """
