@@ -9,7 +9,7 @@ vectors (index, fp32 delta) instead of being merged for good, and
 * :func:`disable_adapters` writes the pre-trained values back, bit for bit;
 * :func:`delete_adapter` drops one, :func:`list_adapters` says what is resident and active.
 
-The layers stay plain ``nn.Linear``/``nn.Conv2d``: a forward costs exactly what the base model's
+The layers stay plain ``nn.Linear``/``nn.Conv*``/``nn.Embedding``: a forward costs exactly what the base model's
 costs, whatever is active. Per layer the registry keeps, besides each adapter's tensors, the
 pre-trained values at the union of the resident adapters' entries (in the weight's dtype), which
 is what makes :func:`disable_adapters` exact. No dense copy of any weight is made.

@@ -615,3 +615,42 @@ def test_setting_the_active_combination_again_writes_nothing(three, monkeypatch)
     sk.set_adapters(model, ["b"], [0.5])
     assert len(writes) == 2 * len(LAYERS)  # a's entries restored, b's merged: per layer
     assert _same_weights(model, _oracle(base, paths, {"b": 0.5}))
+
+
+def test_conv1d_conv3d_and_embedding_layers(tmp_path):
+    """Named adapters on every layer kind an adapter file can hold."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(23, 9)
+            self.conv1 = nn.Conv1d(9, 7, 3)
+            self.conv3 = nn.Conv3d(7, 5, (2, 1, 1))
+
+        def forward(self, tokens):  # tokens [N, 2, 12]
+            x = self.embed(tokens).permute(0, 1, 3, 2).flatten(0, 1)  # [N*2, 9, 12]
+            x = self.conv1(x)  # [N*2, 7, 10]
+            x = x.reshape(-1, 2, 7, 10, 1).permute(0, 2, 1, 3, 4)  # [N, 7, 2, 10, 1]
+            return self.conv3(x)
+
+    torch.manual_seed(0)
+    base = Net()
+    paths = {}
+    for seed, name in enumerate(["a", "b"], 1):
+        trained = sk.apply_sara(copy.deepcopy(base), sk.SaRAConfig(fraction=0.2 + 0.1 * seed))
+        with torch.no_grad():
+            for p in sk.sparse_parameters(trained):
+                p.normal_(0, 1e-2)
+        trained(torch.randint(0, 23, (3, 2, 12)))  # merges
+        paths[name] = str(tmp_path / f"{name}.safetensors")
+        save_adapter(trained, paths[name])
+    model = _load_all(base, paths)
+    assert {type(m) for m in model.children()} == {nn.Embedding, nn.Conv1d, nn.Conv3d}
+    tokens = torch.randint(0, 23, (3, 2, 12))
+    for combo in ({"a": 1.0}, {"a": 0.5, "b": -1.0}, {"b": 2.0}):
+        sk.set_adapters(model, list(combo), list(combo.values()))
+        want = _oracle(base, paths, combo)
+        assert _same_weights(model, want)
+        assert torch.equal(model(tokens), want(tokens))
+    sk.disable_adapters(model)
+    assert _same_weights(model, base)
