@@ -273,15 +273,20 @@ def _merge(weight: torch.Tensor, index: torch.Tensor, base: torch.Tensor, delta:
     flat.index_copy_(0, _offsets(weight, index), values)
 
 
+def _union_total(registry: AdapterRegistry, slot: _Slot, weights: dict[str, float]) -> torch.Tensor:
+    """Σ w·Δ over the slot's union (fp32 ``[U]``), summed in load order: the one place where a
+    combination's arithmetic is defined (the writes and the content check both use it)."""
+    total = torch.zeros(slot.index.numel(), dtype=torch.float32, device=slot.index.device)
+    for name in slot.adapters:
+        if name in weights:
+            positions, delta = registry.adapters[name].layers[slot.name]
+            total.index_add_(0, positions, delta * weights[name])
+    return total
+
+
 def _expected(registry: AdapterRegistry, slot: _Slot, active: dict[str, float]) -> torch.Tensor:
     """The values the slot's entries hold with ``active`` applied, in the stored base's dtype."""
-    device = slot.base.device
-    total = torch.zeros(slot.index.numel(), dtype=torch.float32, device=device)
-    for name in slot.adapters:
-        if name in active:
-            positions, delta = registry.adapters[name].layers[slot.name]
-            total.index_add_(0, positions.to(device), delta.to(device) * active[name])
-    return (slot.base.float() + total).to(slot.base.dtype)
+    return (slot.base.float() + _union_total(registry, slot, active)).to(slot.base.dtype)
 
 
 def _label(name: str) -> str:
@@ -372,19 +377,13 @@ def _write(registry: AdapterRegistry, slot: _Slot, old: dict[str, float], new: d
             positions, delta = adapters[name].layers[slot.name]
             _merge(weight, index.index_select(0, positions), base.index_select(0, positions), delta * w)
         elif active:
-            size, device = index.numel(), index.device
-            total = torch.zeros(size, dtype=torch.float32, device=device)
-            # Every resident adapter active: the whole union; else only the entries they own.
-            every = len(active) == len(slot.adapters)
-            touched = None if every else torch.zeros(size, dtype=torch.bool, device=device)
-            for name, w in active:
-                positions, delta = adapters[name].layers[slot.name]
-                total.index_add_(0, positions, delta * w)
-                if touched is not None:
-                    touched[positions] = True
-            if touched is None:
+            total = _union_total(registry, slot, dict(active))
+            if len(active) == len(slot.adapters):  # every resident adapter active: the whole union
                 _merge(weight, index, base, total)
-            else:
+            else:  # only the entries the active adapters own
+                touched = torch.zeros(index.numel(), dtype=torch.bool, device=index.device)
+                for name, _ in active:
+                    touched[adapters[name].layers[slot.name][0]] = True
                 where = touched.nonzero().squeeze(1)
                 _merge(weight, index[where], base[where], total[where])
 

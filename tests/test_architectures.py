@@ -23,20 +23,21 @@ diffusers = pytest.importorskip("diffusers")
 ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 SPARSE = (SparseDeltaLinear, SparseDeltaConv1d, SparseDeltaConv2d, SparseDeltaConv3d, SparseDeltaEmbedding)
 
+#: The down path of the tiny SD1.5-style UNet (its ControlNet copies it).
+_SD15_ENCODER = dict(
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    cross_attention_dim=16,
+    attention_head_dim=4,
+    norm_num_groups=8,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+)
+
 # name: (diffusers class, tiny config)
 ARCHITECTURES = {
     "sd15_unet": (
         "UNet2DConditionModel",
-        dict(
-            sample_size=8,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            cross_attention_dim=16,
-            attention_head_dim=4,
-            norm_num_groups=8,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        ),
+        dict(_SD15_ENCODER, sample_size=8, up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
     ),
     "sdxl_unet": (
         "UNet2DConditionModel",
@@ -192,15 +193,7 @@ ARCHITECTURES = {
     ),
     "controlnet": (
         "ControlNetModel",
-        dict(
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            cross_attention_dim=16,
-            attention_head_dim=4,
-            norm_num_groups=8,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            conditioning_embedding_out_channels=(8, 16),
-        ),
+        dict(_SD15_ENCODER, conditioning_embedding_out_channels=(8, 16)),
     ),
     "hunyuandit": (
         "HunyuanDiT2DModel",
@@ -222,11 +215,16 @@ ARCHITECTURES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
-def test_every_adaptable_layer_is_converted_or_reported(name):
+def build(name: str) -> nn.Module:
+    """The tiny model of ``ARCHITECTURES[name]`` (seed 0)."""
     cls_name, config = ARCHITECTURES[name]
     torch.manual_seed(0)
-    model = getattr(diffusers, cls_name)(**config)
+    return getattr(diffusers, cls_name)(**config)
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_every_adaptable_layer_is_converted_or_reported(name):
+    model = build(name)
     before = {n: type(m) for n, m in model.named_modules() if isinstance(m, ADAPTABLE)}
     parameters = {n: p.numel() for n, p in model.named_parameters()}
     with torch.no_grad():  # no exact zeros (a ControlNet's zero convolutions would be left out)

@@ -631,22 +631,10 @@ def _count(model, types):
 
 
 def test_svd_unet_converts_every_conv3d():
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    unet = diffusers.UNetSpatioTemporalConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
-        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
-        block_out_channels=(32, 32),
-        addition_time_embed_dim=4,
-        projection_class_embeddings_input_dim=12,
-        layers_per_block=1,
-        cross_attention_dim=16,
-        transformer_layers_per_block=1,
-        num_attention_heads=(2, 2),
-    )
+    pytest.importorskip("diffusers")
+    from test_architectures import build
+
+    unet = build("svd")
     conv3d = _count(unet, nn.Conv3d)
     assert conv3d > 0
     sk.apply_sara(unet, sk.SaRAConfig(fraction=0.05))
@@ -712,20 +700,10 @@ def test_wan_transformer_patch_embedding_and_scale_shift_tables():
 
 
 def test_pixart_scale_shift_tables_by_pattern():
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    pixart = diffusers.PixArtTransformer2DModel(
-        sample_size=8,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        in_channels=4,
-        out_channels=8,
-        cross_attention_dim=16,
-        caption_channels=16,
-        norm_num_groups=1,
-        patch_size=2,
-    )
+    pytest.importorskip("diffusers")
+    from test_architectures import build
+
+    pixart = build("pixart")
     linear_and_conv = _count(pixart, (nn.Linear, nn.Conv2d))
     sk.apply_sara(
         pixart, sk.SaRAConfig(fraction=0.1, train_parameters="transformer_blocks.*.scale_shift_table")

@@ -872,7 +872,7 @@ def test_target_modules_matching_nothing():
     net = make_net()
     with pytest.raises(
         ValueError,
-        match=r"target_modules \[.to_v.\] match no nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d or "
+        match=r"target_modules \['to_v'\] match no nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d or "
         r"nn.Embedding",
     ):
         sk.apply_sara(net, sk.SaRAConfig(target_modules=["to_v"]))
