@@ -64,7 +64,7 @@ if not _flag("SARA_KERNELS_NO_NATIVE"):
     import torch
     from torch.utils import cpp_extension
 
-    cpu_sources = ["csrc/sara_kernels.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    cpu_sources = ["csrc/sara_kernels.cpp", "csrc/autograd.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
     with_cuda = (
         torch.version.cuda is not None

@@ -62,7 +62,7 @@ import torch, sara_kernels
 maps = [line.split()[-1] for line in open("/proc/self/maps") if "libstdc++" in line]
 print("libstdc++ mapped:", sorted(set(maps)))
 PY
-  "$PY" -c "import torch, sara_kernels; torch.ops.sara_kernels_C.select_small_magnitude(torch.randn(10), None, 11)" \
+  "$PY" -c "import torch, sara_kernels; torch.ops.sara_kernels.select_small_magnitude(torch.randn(10), None, 11)" \
     >"$OUT/error_path_call.txt" 2>&1
   rc=$?
   tail -n 1 "$OUT/error_path_call.txt"

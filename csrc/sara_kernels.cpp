@@ -1,68 +1,127 @@
-// The native ops' schemas (namespace sara_kernels_C) and the Python module init.
+// The extension's module init, its settings and its record of what ran.
 //
-// The public ops (torch.ops.sara_kernels.*) are defined in sara_kernels/_ops.py so the package
-// imports without this extension; their CPU/CUDA kernels call these native ops, which take
-// already-flattened, contiguous inputs. Kernels: csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cu (CUDA).
+// The public ops are declared once, in Python (sara_kernels/_ops.py: schemas and fake kernels);
+// this library registers its kernels under the same namespace per dispatch key:
+//   csrc/cpu/*.cpp      TORCH_LIBRARY_IMPL(sara_kernels, CPU, m)
+//   csrc/cuda/*.cu      TORCH_LIBRARY_IMPL(sara_kernels, CUDA, m)
+//   csrc/autograd.cpp   TORCH_LIBRARY_IMPL(sara_kernels, Autograd / AutocastCPU / AutocastCUDA, m)
+// so a call goes Python -> dispatcher -> C++ kernel once. The two private ops below exist only
+// natively, so they are declared here.
 #include <Python.h>
 #include <torch/library.h>
 
+#include <mutex>
 #include <string>
+#include <vector>
 
-#include "variant_log.h"
+#include "checks.h"
 
-namespace sara_kernels_log {
-std::atomic<int>& last_grad_variant_slot(int op) {
-  static std::atomic<int> slots[2] = {-1, -1};
-  return slots[op == kConv2d ? 1 : 0];
+namespace sara_kernels_check {
+
+Settings& settings() {
+  static Settings s;
+  return s;
 }
-}  // namespace sara_kernels_log
+
+int64_t& thread_index_checks() {
+  thread_local int64_t own = -1;
+  return own;
+}
 
 namespace {
-// The variant the last sampled_weight_grad_{linear,conv2d} call ran (-1: none yet).
-int64_t last_grad_variant(std::string op) {
-  TORCH_CHECK_VALUE(op == "sampled_weight_grad_linear" || op == "sampled_weight_grad_conv2d",
-                    "sara_kernels_C.last_grad_variant: op must be 'sampled_weight_grad_linear' or "
-                    "'sampled_weight_grad_conv2d', got '", op, "'");
-  const int slot = op == "sampled_weight_grad_conv2d" ? sara_kernels_log::kConv2d : sara_kernels_log::kLinear;
-  return sara_kernels_log::last_grad_variant_slot(slot).load(std::memory_order_relaxed);
+
+// What each op ran last: a fixed table of (name, backend, variant), filled on first use. Readers
+// scan the first `count` slots without a lock; a new name is written under the lock before count
+// is published.
+struct Run {
+  std::string name;
+  std::atomic<int64_t> backend{0}, variant{0};
+};
+constexpr int kMaxOps = 64;
+Run runs[kMaxOps];
+std::atomic<int> run_count{0};
+std::mutex run_lock;
+
+Run& run_slot(const char* op) {
+  const int n = run_count.load(std::memory_order_acquire);
+  for (int i = 0; i < n; ++i) {
+    if (runs[i].name == op) return runs[i];
+  }
+  const std::lock_guard<std::mutex> guard(run_lock);
+  const int m = run_count.load(std::memory_order_relaxed);
+  for (int i = 0; i < m; ++i) {
+    if (runs[i].name == op) return runs[i];
+  }
+  TORCH_CHECK(m < kMaxOps, "sara_kernels: more than ", num(kMaxOps), " ops recorded");
+  runs[m].name = op;
+  run_count.store(m + 1, std::memory_order_release);
+  return runs[m];
+}
+
+}  // namespace
+
+void record(const char* op, int64_t backend, int64_t variant) {
+  Run& r = run_slot(op);
+  r.backend.store(backend, std::memory_order_relaxed);
+  r.variant.store(variant, std::memory_order_relaxed);
+}
+
+namespace {
+
+// Read (value None) or set a setting; returns the value before the call.
+int64_t setting(const std::string& name, std::optional<int64_t> value) {
+  Settings& s = settings();
+  std::atomic<int64_t>* slot = nullptr;
+  int64_t lo = 0, hi = 0;
+  if (name == "grad_variant") {
+    slot = &s.grad_variant, hi = 3;
+  } else if (name == "index_checks") {  // the calling thread's (-1: back to the process default)
+    const int64_t previous = thread_index_checks();
+    if (value.has_value()) {
+      TORCH_CHECK_VALUE(*value >= -1 && *value <= 2, "sara_kernels._setting: index_checks=", num(*value),
+                        " is out of range [-1, 2]");
+      thread_index_checks() = *value;
+    }
+    return previous;
+  } else if (name == "index_checks_default") {
+    slot = &s.index_checks, hi = 2;
+  } else if (name == "workspace_bytes") {
+    slot = &s.workspace_bytes, hi = INT64_MAX;
+  } else {
+    TORCH_CHECK_VALUE(false, "sara_kernels._setting: unknown setting '", name,
+                      "'; expected grad_variant, index_checks, index_checks_default or workspace_bytes");
+  }
+  const int64_t previous = slot->load();
+  if (value.has_value()) {
+    TORCH_CHECK_VALUE(*value >= lo && *value <= hi, "sara_kernels._setting: ", name, "=", num(*value),
+                      " is out of range [", num(lo), ", ", num(hi), "]");
+    slot->store(*value);
+  }
+  return previous;
+}
+
+// [backend, variant] the op ran last: backend 0 none yet, 1 cpu, 2 cuda, 3 reference, 4 triton;
+// variant 0 none. With backend given, records that a Python kernel (reference, Triton) runs op.
+std::vector<int64_t> last_run(const std::string& op, std::optional<int64_t> backend) {
+  if (backend.has_value()) record(op.c_str(), *backend, 0);
+  const Run& r = run_slot(op.c_str());
+  return {r.backend.load(std::memory_order_relaxed), r.variant.load(std::memory_order_relaxed)};
 }
 }  // namespace
 
+
+}  // namespace sara_kernels_check
+
 extern "C" {
-// Importing sara_kernels._C loads this library and runs the static registrations below; the
-// module itself holds nothing (no pybind11: ops are reached through torch.ops).
+// Importing sara_kernels._C loads this library and runs the static registrations; the module
+// itself holds nothing (no pybind11: everything is reached through torch.ops).
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
 }
 }
 
-TORCH_LIBRARY(sara_kernels_C, m) {
-  // weight: any shape -> int32 [k] sorted flat indices (int64 when numel >= 2^31).
-  m.def("select_small_magnitude(Tensor weight, float? threshold, int? k) -> Tensor");
-  // grad_out: [N, out], x: [N, in] (contiguous, same dtype), index: [k] -> fp32 [k] (fp64 for fp64).
-  // variant: 0 auto, 1 direct (per-entry dot products), 2 gemm (chunked dense GEMM + gather),
-  // 3 tiled (CUDA only: operands staged in shared memory).
-  m.def(
-      "sampled_weight_grad_linear(Tensor grad_out, Tensor x, Tensor index, int out_features, "
-      "int in_features, int variant) -> Tensor");
-  // grad_out: [N, O, P, Q], x: [N, C, H, W] (contiguous), index: [k] into [O, C/groups, kh, kw].
-  m.def(
-      "sampled_weight_grad_conv2d(Tensor grad_out, Tensor x, Tensor index, int[] weight_shape, "
-      "int[] stride, int[] padding, int[] dilation, int groups, int variant) -> Tensor");
-  m.def(
-      "sparse_adamw_(Tensor(a!) weight, Tensor index, Tensor base, Tensor(b!) delta, Tensor grad, "
-      "Tensor(c!) exp_avg, Tensor(d!) exp_avg_sq, float step, float lr, float beta1, float beta2, "
-      "float eps, float weight_decay, bool maximize) -> ()");
-  // sparse_adamw_ over lists (one entry per layer, each with its own step) in one call: one
-  // parallel range on the CPU, a few launches on CUDA instead of one per layer.
-  m.def(
-      "sparse_adamw_multi_(Tensor(a!)[] weights, Tensor[] indices, Tensor[] bases, Tensor(b!)[] deltas, "
-      "Tensor[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, float[] steps, float lr, "
-      "float beta1, float beta2, float eps, float weight_decay, bool maximize) -> ()");
-  m.def("scatter_merge_(Tensor(a!) weight, Tensor index, Tensor base, Tensor delta, float alpha) -> ()");
-  m.def("restore_(Tensor(a!) weight, Tensor index, Tensor base) -> ()");
-  // The variant (1 direct, 2 gemm, 3 tiled; -1 none yet) the last call of a sampled-gradient op
-  // ran, on any device: what auto picked.
-  m.def("last_grad_variant(str op) -> int", &last_grad_variant);
+TORCH_LIBRARY_FRAGMENT(sara_kernels, m) {
+  m.def("_setting(str name, int? value=None) -> int", &sara_kernels_check::setting);
+  m.def("_last_run(str op, int? backend=None) -> int[]", &sara_kernels_check::last_run);
 }

@@ -9,14 +9,20 @@ Four backends implement every op:
   ``TRITON_INTERPRET=1`` (the Triton interpreter, used by the tests).
 
 Without a forced backend each call takes the first available of ``cpu`` then ``reference`` on CPU
-tensors, and ``cuda``, ``triton``, ``reference`` on CUDA tensors. ``SARA_KERNELS_BACKEND=<name>``
-in the environment or the :func:`use_backend` context manager forces one; forcing a backend that
-cannot run the call is an error that says why (never a silent fallback).
+tensors, and ``cuda``, ``triton``, ``reference`` on CUDA tensors: the dispatcher runs the native
+kernel registered under the op's CPU or CUDA key directly, and the reference (the op's
+``CompositeExplicitAutograd`` kernel) wherever none is. ``SARA_KERNELS_BACKEND=<name>`` (read at
+import) or the :func:`use_backend` context manager forces one: the forced backend's kernels are
+registered over the CPU and CUDA keys while it is in force, so the default path pays nothing for
+the option. Forcing a backend that cannot run the call is an error that says why (never a silent
+fallback).
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
+import functools
 import importlib
 import os
 import threading
@@ -25,35 +31,24 @@ from collections.abc import Iterator
 
 import torch
 
+from sara_kernels import _checks
+
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 ENV_BACKEND = "SARA_KERNELS_BACKEND"
 
-#: Ops and which backends implement each (selection on Triton uses torch ops on any device).
-OPS = (
-    "select_small_magnitude",
-    "sampled_weight_grad_linear",
-    "sampled_weight_grad_conv2d",
-    "sparse_adamw_",
-    "sparse_adamw_multi_",
-    "scatter_merge_",
-    "restore_",
-)
+#: The kernel ops (selection on Triton uses torch ops on any device): those with a validator.
+OPS = tuple(_checks.VALIDATORS)
 
-_local = threading.local()
 
 # ---------------------------------------------------------------------------------------------
 # Compiled extension
 # ---------------------------------------------------------------------------------------------
 _native_error: str | None = None
 _native_loaded = False
-_native_cuda = False
-try:  # The compiled extension registers ops in the ``sara_kernels_C`` namespace on import.
+try:  # The compiled extension registers its kernels under the ``sara_kernels`` ops on import.
     importlib.import_module("sara_kernels._C")
 
     _native_loaded = True
-    _native_cuda = torch._C._dispatch_has_kernel_for_dispatch_key(
-        "sara_kernels_C::sampled_weight_grad_linear", "CUDA"
-    )
 except ImportError as error:  # pragma: no cover - exercised when the extension is not built
     _native_error = (
         f"the compiled extension sara_kernels._C could not be imported ({error}); the 'cpu' and "
@@ -68,8 +63,40 @@ def native_available(device_type: str) -> bool:
     if device_type == "cpu":
         return _native_loaded
     if device_type == "cuda":
-        return _native_loaded and _native_cuda
+        return _native_loaded and _native_cuda()
     return False
+
+
+@functools.cache
+def _native_cuda() -> bool:
+    """Whether the extension was built with CUDA kernels (asked once the ops are declared, before
+    sara_kernels._ops registers its own CUDA kernels where there are none)."""
+    return _native_loaded and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "sara_kernels::sampled_weight_grad_linear", "CUDA"
+    )
+
+
+def native_setting(name: str, value: int | None = None) -> int:
+    """Read (or set, returning the previous value) one of the native kernels' settings:
+    ``grad_variant``, ``index_checks`` (the calling thread's: 0 off, 1 async, 2 sync, -1 the
+    default; set it with :func:`sara_kernels.index_checks`), ``index_checks_default`` or
+    ``workspace_bytes`` (0: the default bound). 0 without the compiled extension."""
+    if not _native_loaded:
+        return 0
+    return int(torch.ops.sara_kernels._setting(name, value))
+
+
+@contextlib.contextmanager
+def native_settings(**values: int) -> Iterator[None]:
+    """Set native settings inside the block (process-wide), e.g.
+    ``native_settings(workspace_bytes=4096)``: the tests shrink the workspace to reach the chunked
+    paths on small shapes."""
+    previous = {name: native_setting(name, value) for name, value in values.items()}
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            native_setting(name, value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,20 +167,40 @@ def _check_name(name: str, where: str) -> str:
     return name
 
 
+_forced_stack: list[str] = []  # use_backend's, innermost last (process-wide)
+_env_forced: str | None = None
+_env_library = None  # the kernels SARA_KERNELS_BACKEND installed
+_override_lock = threading.RLock()
+
+
 def forced_backend() -> str | None:
     """The backend forced by :func:`use_backend` (innermost) or ``SARA_KERNELS_BACKEND``, if any."""
-    stack = getattr(_local, "stack", None)
-    if stack:
-        return stack[-1]
+    if _forced_stack:
+        return _forced_stack[-1]
+    return _env_forced
+
+
+def _env_backend() -> str | None:
     env = os.environ.get(ENV_BACKEND, "").strip().lower()
     if env in ("", "auto"):
         return None
     return _check_name(env, f"environment variable {ENV_BACKEND}")
 
 
+def _install(name: str | None):
+    """Register the Python kernels of a forced backend over the CPU and CUDA keys (or nothing for
+    auto and the native backends, which are the default kernels); returns the library to destroy."""
+    if name in (None, "auto"):
+        return None
+    from sara_kernels import _ops
+
+    return _ops.override_library(name)
+
+
 @contextlib.contextmanager
 def use_backend(name: str | None) -> Iterator[None]:
-    """Force every op called inside the block onto one backend.
+    """Force every op called inside the block onto one backend (process-wide, for tests and
+    benchmarks).
 
     Args:
         name: ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``, or ``None``/``"auto"`` for the
@@ -166,14 +213,23 @@ def use_backend(name: str | None) -> Iterator[None]:
     """
     if name is not None and name != "auto":
         _check_name(name, "use_backend")
-    stack = getattr(_local, "stack", None)
-    if stack is None:
-        stack = _local.stack = []
-    stack.append("auto" if name is None else name)
+    global _env_library
+    name = "auto" if name is None else name
+    with _override_lock:
+        env_library, _env_library = _env_library, None  # the block overrides the environment
+        if env_library is not None:
+            env_library._destroy()
+        library = _install(name)
+        _forced_stack.append(name)
     try:
         yield
     finally:
-        stack.pop()
+        with _override_lock:
+            _forced_stack.pop()
+            if library is not None:
+                library._destroy()
+            if env_library is not None:
+                _env_library = _install(_env_forced)
 
 
 def _auto_order(device_type: str) -> tuple[str, ...]:
@@ -215,7 +271,7 @@ def backends() -> dict:
         "torch": torch.__version__,
         "native": {
             "loaded": _native_loaded,
-            "cuda_kernels": _native_cuda,
+            "cuda_kernels": _native_cuda(),
             "error": _native_error,
         },
         "triton": {
@@ -256,7 +312,15 @@ def backends() -> dict:
 #: workspace; on the Triton backend its kernel), 2 = gemm (dense GEMM over bounded chunks of rows,
 #: then gather), 3 = tiled (CUDA native, linear only: the entries' dot products over operands
 #: staged in shared memory).
-GRAD_VARIANTS = {"auto": 0, "direct": 1, "gemm": 2, "tiled": 3}
+class GradVariant(enum.IntEnum):
+    AUTO = 0
+    DIRECT = 1
+    GEMM = 2
+    TILED = 3
+
+
+GRAD_VARIANTS = {v.name.lower(): int(v) for v in GradVariant}
+
 ENV_GRAD_VARIANT = "SARA_KERNELS_GRAD_VARIANT"
 _SAMPLED_OPS = ("sampled_weight_grad_linear", "sampled_weight_grad_conv2d")
 
@@ -282,25 +346,39 @@ GRAD_VARIANT_RULES = {
 }
 
 
+_BACKEND_CODES = {1: "cpu", 2: "cuda", 3: "reference", 4: "triton"}
+
+
+def last_run(op: str) -> tuple[str | None, str | None]:
+    """(backend, variant) op ran on last: the native kernels record it, and so do the Python
+    kernels (reference, Triton) through the same record."""
+    if not _native_loaded:
+        return _python_runs.get(op, (None, None))
+    backend, variant = (int(v) for v in torch.ops.sara_kernels._last_run(op))
+    names = {v: k for k, v in GRAD_VARIANTS.items()}
+    return _BACKEND_CODES.get(backend), (names.get(variant) if variant > 0 else None)
+
+
+_python_runs: dict[str, tuple[str, str | None]] = {}
+
+
+def record_run(op: str, backend: str) -> None:
+    """What a Python kernel records before it runs (the native kernels record in C++)."""
+    if _native_loaded:
+        code = next(c for c, n in _BACKEND_CODES.items() if n == backend)
+        torch.ops.sara_kernels._last_run(op, code)
+    else:
+        _python_runs[op] = (backend, None)
+
+
 def last_grad_variants() -> dict:
     """The variant ('direct', 'gemm', 'tiled') each native sampled-gradient op ran last, on any
-    device: what auto picked for the latest call. None before the first call or without the
-    compiled extension."""
-    names = {v: k for k, v in GRAD_VARIANTS.items()}
-    found = {}
-    for op in _SAMPLED_OPS:
-        try:
-            code = int(torch.ops.sara_kernels_C.last_grad_variant(op)) if _native_loaded else -1
-        except (AttributeError, RuntimeError):  # an extension built before this op existed
-            code = -1
-        found[op] = names.get(code) if code > 0 else None
-    return found
+    device: what auto picked for the latest call. None before the first call, after a Python
+    backend ran it, or without the compiled extension."""
+    return {op: last_run(op)[1] for op in _SAMPLED_OPS}
 
 
-def sampled_grad_variant() -> int:
-    forced = getattr(_local, "variant", None)
-    if forced is not None:
-        return forced
+def _env_variant() -> int:
     name = os.environ.get(ENV_GRAD_VARIANT, "auto").strip().lower() or "auto"
     if name not in GRAD_VARIANTS:
         raise ValueError(
@@ -309,9 +387,24 @@ def sampled_grad_variant() -> int:
     return GRAD_VARIANTS[name]
 
 
+_variant = 0  # the forced variant (mirrors the native setting)
+
+
+def sampled_grad_variant() -> int:
+    return _variant
+
+
+def _set_variant(value: int) -> int:
+    global _variant
+    previous, _variant = _variant, int(value)
+    native_setting("grad_variant", _variant)
+    return previous
+
+
 @contextlib.contextmanager
 def use_grad_variant(name: str) -> Iterator[None]:
-    """Force the native sampled-gradient algorithm ('auto', 'direct', 'gemm' or 'tiled'); for benchmarks.
+    """Force the sampled-gradient algorithm ('auto', 'direct', 'gemm' or 'tiled') process-wide;
+    for tests and benchmarks.
 
     'tiled' exists for the linear gradient on CUDA only; the other kernels reject it by name.
     """
@@ -319,9 +412,17 @@ def use_grad_variant(name: str) -> Iterator[None]:
         raise ValueError(
             f"use_grad_variant: unknown variant {name!r}; expected one of {', '.join(GRAD_VARIANTS)}"
         )
-    previous = getattr(_local, "variant", None)
-    _local.variant = GRAD_VARIANTS[name]
+    previous = _set_variant(GRAD_VARIANTS[name])
     try:
         yield
     finally:
-        _local.variant = previous
+        _set_variant(previous)
+
+
+def _apply_environment() -> None:
+    """Read the environment once, at import: the forced backend, variant and native index checks."""
+    global _env_forced, _env_library
+    _set_variant(_env_variant())
+    native_setting("index_checks_default", int(_checks.DEFAULT_INDEX_CHECKS))
+    _env_forced = _env_backend()
+    _env_library = _install(_env_forced)

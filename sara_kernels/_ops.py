@@ -1,17 +1,19 @@
-"""Every op's schema, device kernels, fake (meta) kernel and autograd formula, in one place.
+"""Every op declared once: its schema, its fake (meta) kernel, and the Python kernels.
 
-Public ops live in the ``sara_kernels`` namespace (``torch.ops.sara_kernels.<op>``). Their CPU and
-CUDA kernels are thin Python dispatchers: they check the inputs (errors name the argument), pick a
-backend (:mod:`sara_kernels._backend`) and call it:
+Public ops live in the ``sara_kernels`` namespace (``torch.ops.sara_kernels.<op>``). Kernels per
+dispatch key:
 
-* ``reference``: :mod:`sara_kernels.reference` (also registered as ``CompositeExplicitAutograd``,
-  so it is the kernel on any other device);
-* ``cpu`` / ``cuda``: the compiled extension's ops ``torch.ops.sara_kernels_C.<op>``
-  (``csrc/cpu``, ``csrc/cuda``);
-* ``triton``: :mod:`sara_kernels.triton`.
+* ``CPU`` / ``CUDA``: the compiled extension's C++ kernels (``csrc/cpu``, ``csrc/cuda``), which
+  check their inputs in C++ (``csrc/checks.h``); a call is Python -> dispatcher -> C++, once;
+* ``Autograd`` / ``AutocastCPU`` / ``AutocastCUDA`` of ``sparse_linear`` and ``sparse_conv2d``:
+  ``csrc/autograd.cpp``;
+* ``CompositeExplicitAutograd``: the reference (:mod:`sara_kernels.reference`), the kernel
+  wherever no native one is registered, after the shared Python validator (:func:`validate`);
+* ``CUDA`` without native CUDA kernels: Triton (:mod:`sara_kernels.triton`), same validator.
 
-The native ops take 2-D (linear) or 4-D (conv) contiguous inputs; flattening and layout fixes
-happen here, once, for every backend.
+A forced backend (:func:`sara_kernels.use_backend`) registers its Python kernels over the CPU and
+CUDA keys while it is in force (:func:`override_library`). Without the compiled extension the
+layer ops' autograd and autocast are registered here in Python, with the same formulas.
 """
 
 from __future__ import annotations
@@ -58,52 +60,31 @@ SCHEMAS = {
 for _schema in SCHEMAS.values():
     _lib.define(_schema)
 
-#: The backend each op ran on last (per process); tests and benchmarks read it.
-last_backend: dict[str, str] = {}
+
+class _LastBackend:
+    """``last_backend[op]``: the backend op ran on last (native or Python), for tests and benchmarks."""
+
+    def __getitem__(self, op: str) -> str | None:
+        return _backend.last_run(op)[0]
+
+    def get(self, op: str, default=None):
+        return self[op] or default
+
+
+last_backend = _LastBackend()
 
 
 def _qualname(op: str) -> str:
     return f"{NAMESPACE}::{op}"
 
 
-def _native(op: str):
-    return getattr(torch.ops.sara_kernels_C, op)
-
-
 def _triton(op: str):
     return getattr(_backend._load_triton(), op)
-
-
-def _register_device_kernel(op: str, fn) -> None:
-    """The same dispatcher on CPU, CUDA and (as reference) every other device."""
-    for key in ("CPU", "CUDA"):
-        _lib.impl(op, fn, key)
 
 
 # ---------------------------------------------------------------------------------------------
 # select_small_magnitude
 # ---------------------------------------------------------------------------------------------
-def _select_small_magnitude(weight, threshold=None, k=None):
-    op = "select_small_magnitude"
-    _checks.check_tensor(op, "weight", weight, dtypes=_checks.WEIGHT_DTYPES)
-    if (threshold is None) == (k is None):
-        raise ValueError(f"sara_kernels.{op}: give exactly one of threshold or k")
-    if threshold is not None and not (threshold > 0 and threshold == threshold):
-        raise ValueError(f"sara_kernels.{op}: threshold must be a positive number, got {threshold}")
-    if k is not None and not (0 <= k <= weight.numel()):
-        raise ValueError(
-            f"sara_kernels.{op}: k={k} must lie in [0, {weight.numel()}] (the weight's entry count)"
-        )
-    backend = _backend.select_backend(op, weight.device)
-    last_backend[op] = backend
-    if backend in ("cpu", "cuda"):
-        return _native(op)(weight.contiguous(), threshold, k)
-    # Selection on the triton backend uses torch ops (a sort / compaction is not worth a kernel).
-    return reference.select_small_magnitude(weight, threshold, k)
-
-
-_register_device_kernel("select_small_magnitude", _select_small_magnitude)
-_lib.impl("select_small_magnitude", reference.select_small_magnitude, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake(_qualname("select_small_magnitude"), lib=_lib)
@@ -119,56 +100,14 @@ def _(weight, threshold=None, k=None):
 # ---------------------------------------------------------------------------------------------
 # sampled weight gradients
 # ---------------------------------------------------------------------------------------------
-def _check_linear_grad(op, grad_out, x, index, out_features, in_features):
-    _checks.check_tensor(op, "grad_out", grad_out, dtypes=_checks.FLOAT_DTYPES)
-    _checks.check_tensor(op, "x", x, dtypes=_checks.FLOAT_DTYPES)
-    _checks.check_tensor(op, "index", index, dtypes=_checks.INDEX_DTYPES, dim=1)
-    if grad_out.dtype != x.dtype:
-        raise TypeError(f"sara_kernels.{op}: grad_out is {grad_out.dtype} but x is {x.dtype}")
-    if out_features <= 0 or in_features <= 0:
-        raise ValueError(
-            f"sara_kernels.{op}: out_features={out_features} and in_features={in_features} must be positive"
-        )
-    if grad_out.dim() == 0 or grad_out.shape[-1] != out_features:
-        raise ValueError(
-            f"sara_kernels.{op}: grad_out has shape {tuple(grad_out.shape)}; its last dim must be "
-            f"out_features={out_features}"
-        )
-    if x.dim() == 0 or x.shape[-1] != in_features:
-        raise ValueError(
-            f"sara_kernels.{op}: x has shape {tuple(x.shape)}; its last dim must be in_features={in_features}"
-        )
-    if grad_out.shape[:-1] != x.shape[:-1]:
-        raise ValueError(
-            f"sara_kernels.{op}: grad_out {tuple(grad_out.shape)} and x {tuple(x.shape)} must share "
-            "their leading (token) dims"
-        )
-    _checks.check_same_device(op, grad_out=grad_out, x=x, index=index)
 
 
-def _sampled_weight_grad_linear(grad_out, x, index, out_features, in_features):
-    op = "sampled_weight_grad_linear"
-    _check_linear_grad(op, grad_out, x, index, out_features, in_features)
-    _checks.check_index(op, index, out_features * in_features)
-    return _run_sampled_weight_grad_linear(grad_out, x, index, out_features, in_features)
-
-
-def _run_sampled_weight_grad_linear(grad_out, x, index, out_features, in_features):
-    """Pick the backend and run (inputs already checked)."""
-    op = "sampled_weight_grad_linear"
-    backend = _backend.select_backend(op, x.device)
-    last_backend[op] = backend
-    if backend == "reference":
-        return reference.sampled_weight_grad_linear(grad_out, x, index, out_features, in_features)
+def _triton_sampled_linear(grad_out, x, index, out_features, in_features):
     g = grad_out.reshape(-1, out_features).contiguous()
     xx = x.reshape(-1, in_features).contiguous()
-    if backend == "triton":
-        return _triton(op)(g, xx, index, out_features, in_features, variant=_backend.sampled_grad_variant())
-    return _native(op)(g, xx, index, out_features, in_features, _backend.sampled_grad_variant())
-
-
-_register_device_kernel("sampled_weight_grad_linear", _sampled_weight_grad_linear)
-_lib.impl("sampled_weight_grad_linear", reference.sampled_weight_grad_linear, "CompositeExplicitAutograd")
+    return _triton("sampled_weight_grad_linear")(
+        g, xx, index, out_features, in_features, variant=_backend.sampled_grad_variant()
+    )
 
 
 @torch.library.register_fake(_qualname("sampled_weight_grad_linear"), lib=_lib)
@@ -179,51 +118,11 @@ def _(grad_out, x, index, out_features, in_features):
     return x.new_empty(index.shape, dtype=reference.accumulate_dtype(grad_out, x))
 
 
-def _check_conv_grad(op, grad_out, x, index, weight_shape, stride, padding, dilation, groups):
-    _checks.check_tensor(op, "grad_out", grad_out, dtypes=_checks.FLOAT_DTYPES, dim=4)
-    _checks.check_tensor(op, "x", x, dtypes=_checks.FLOAT_DTYPES, dim=4)
-    _checks.check_tensor(op, "index", index, dtypes=_checks.INDEX_DTYPES, dim=1)
-    if grad_out.dtype != x.dtype:
-        raise TypeError(f"sara_kernels.{op}: grad_out is {grad_out.dtype} but x is {x.dtype}")
-    for name, value in (("stride", stride), ("padding", padding), ("dilation", dilation)):
-        if len(value) != 2:
-            raise ValueError(f"sara_kernels.{op}: {name} must have 2 entries, got {list(value)}")
-    _checks.check_conv2d(op, x, weight_shape, stride, padding, dilation, groups, grad_out)
-    _checks.check_same_device(op, grad_out=grad_out, x=x, index=index)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
-
-
-def _sampled_weight_grad_conv2d(grad_out, x, index, weight_shape, stride, padding, dilation, groups):
-    op = "sampled_weight_grad_conv2d"
-    _check_conv_grad(op, grad_out, x, index, weight_shape, stride, padding, dilation, groups)
-    _checks.check_index(op, index, _numel(weight_shape))
-    return _run_sampled_weight_grad_conv2d(
-        grad_out, x, index, weight_shape, stride, padding, dilation, groups
-    )
-
-
-def _run_sampled_weight_grad_conv2d(grad_out, x, index, weight_shape, stride, padding, dilation, groups):
-    """Pick the backend and run (inputs already checked)."""
-    op = "sampled_weight_grad_conv2d"
-    backend = _backend.select_backend(op, x.device)
-    last_backend[op] = backend
+def _triton_sampled_conv2d(grad_out, x, index, weight_shape, stride, padding, dilation, groups):
     args = (list(weight_shape), list(stride), list(padding), list(dilation), groups)
-    if backend == "reference":
-        return reference.sampled_weight_grad_conv2d(grad_out, x, index, *args)
-    g, xx = grad_out.contiguous(), x.contiguous()
-    if backend == "triton":
-        return _triton(op)(g, xx, index, *args, variant=_backend.sampled_grad_variant())
-    return _native(op)(g, xx, index, *args, _backend.sampled_grad_variant())
-
-
-_register_device_kernel("sampled_weight_grad_conv2d", _sampled_weight_grad_conv2d)
-_lib.impl("sampled_weight_grad_conv2d", reference.sampled_weight_grad_conv2d, "CompositeExplicitAutograd")
+    return _triton("sampled_weight_grad_conv2d")(
+        grad_out.contiguous(), x.contiguous(), index, *args, variant=_backend.sampled_grad_variant()
+    )
 
 
 @torch.library.register_fake(_qualname("sampled_weight_grad_conv2d"), lib=_lib)
@@ -237,40 +136,8 @@ def _(grad_out, x, index, weight_shape, stride, padding, dilation, groups):
 # compositions of torch ops (no kernel of their own, so not registered as ops)
 # ---------------------------------------------------------------------------------------------
 def _conv2d_sampler(checked: bool):
-    """The conv2d sampled gradient: the registered op (checked, traceable) or the backend directly."""
-    return torch.ops.sara_kernels.sampled_weight_grad_conv2d if checked else _run_sampled_weight_grad_conv2d
-
-
-def _check_conv_nd(op, dims, grad_out, x, index, weight_shape, stride, padding, dilation, groups):
-    """The checks of :func:`_check_conv_grad` for a ``dims``-D convolution."""
-    _checks.check_tensor(op, "grad_out", grad_out, dtypes=_checks.FLOAT_DTYPES, dim=dims + 2)
-    _checks.check_tensor(op, "x", x, dtypes=_checks.FLOAT_DTYPES, dim=dims + 2)
-    _checks.check_tensor(op, "index", index, dtypes=_checks.INDEX_DTYPES, dim=1)
-    if grad_out.dtype != x.dtype:
-        raise TypeError(f"sara_kernels.{op}: grad_out is {grad_out.dtype} but x is {x.dtype}")
-    if len(weight_shape) != dims + 2 or any(int(s) <= 0 for s in weight_shape):
-        raise ValueError(
-            f"sara_kernels.{op}: weight_shape must be {dims + 2} positive ints [out, in/groups, "
-            f"kernel...], got {list(weight_shape)}"
-        )
-    for name, value in (("stride", stride), ("padding", padding), ("dilation", dilation)):
-        if len(value) != dims:
-            raise ValueError(f"sara_kernels.{op}: {name} must have {dims} entries, got {list(value)}")
-    if groups <= 0 or weight_shape[0] % groups != 0 or x.shape[1] != weight_shape[1] * groups:
-        raise ValueError(
-            f"sara_kernels.{op}: x has {x.shape[1]} channels; weight_shape {list(weight_shape)} with "
-            f"groups={groups} needs groups to divide {weight_shape[0]} and "
-            f"{weight_shape[1] * groups} channels"
-        )
-    out = _checks.conv2d_output_size(op, x.shape, weight_shape, stride, padding, dilation)
-    expected = (x.shape[0], weight_shape[0], *out)
-    if tuple(grad_out.shape) != expected:
-        raise ValueError(
-            f"sara_kernels.{op}: grad_out has shape {tuple(grad_out.shape)} but the convolution of x "
-            f"{tuple(x.shape)} with weight_shape {list(weight_shape)} gives {expected}"
-        )
-    _checks.check_same_device(op, grad_out=grad_out, x=x, index=index)
-    _checks.check_index(op, index, _numel(weight_shape))
+    """The conv2d sampled gradient op (the native kernels check their inputs in any case)."""
+    return torch.ops.sara_kernels.sampled_weight_grad_conv2d.default
 
 
 def sampled_weight_grad_conv1d(
@@ -281,7 +148,7 @@ def sampled_weight_grad_conv1d(
     A Conv1d is a Conv2d of height 1: the inputs gain a unit height dim, the weight is
     ``[O, C/g, 1, K]`` (the same flat index), and the conv2d op computes the entries."""
     if checked:
-        _check_conv_nd(
+        _checks.check_conv_nd(
             "sampled_weight_grad_conv1d",
             1,
             grad_out,
@@ -321,7 +188,7 @@ def sampled_weight_grad_conv3d(
     """
     op = "sampled_weight_grad_conv3d"
     if checked:
-        _check_conv_nd(op, 3, grad_out, x, index, weight_shape, stride, padding, dilation, groups)
+        _checks.check_conv_nd(op, 3, grad_out, x, index, weight_shape, stride, padding, dilation, groups)
     out_channels, in_per_group, taps, kh, kw = (int(s) for s in weight_shape)
     n, channels, frames_in = x.shape[:3]
     t_out = grad_out.shape[2]
@@ -425,372 +292,31 @@ def sampled_weight_grad_embedding(
 # ---------------------------------------------------------------------------------------------
 # In-place ops: fused AdamW, merge, restore
 # ---------------------------------------------------------------------------------------------
-def _check_weight_side(op, weight, index, base, names=("weight", "index", "base")):
-    w, i, b = names
-    _checks.check_tensor(op, w, weight, dtypes=_checks.WEIGHT_DTYPES)
-    _checks.check_contiguous_weight(op, weight, name=w)
-    _checks.check_tensor(op, i, index, dtypes=_checks.INDEX_DTYPES, dim=1)
-    _checks.check_tensor(op, b, base, dim=1)
-    if base.dtype != weight.dtype:
-        raise TypeError(f"sara_kernels.{op}: {b} is {base.dtype} but {w} is {weight.dtype}; they must match")
-    if base.shape != index.shape:
-        raise ValueError(
-            f"sara_kernels.{op}: {b} has shape {tuple(base.shape)} but {i} has {tuple(index.shape)}"
-        )
-
-
-def _check_compact(op, name, t, index, dtypes, index_name="index"):
-    _checks.check_tensor(op, name, t, dtypes=dtypes, dim=1)
-    if t.shape != index.shape:
-        raise ValueError(
-            f"sara_kernels.{op}: {name} has shape {tuple(t.shape)} but {index_name} has {tuple(index.shape)}"
-        )
-    if not t.is_contiguous():
-        raise ValueError(f"sara_kernels.{op}: {name} must be contiguous")
-
-
-_ADAMW_NAMES = ("weight", "index", "base", "delta", "grad", "exp_avg", "exp_avg_sq")
-_ADAMW_LIST_NAMES = ("weights", "indices", "bases", "deltas", "grads", "exp_avgs", "exp_avg_sqs")
-
-
-def check_adamw_hyper(op, lr, beta1, beta2, eps, weight_decay):
-    """AdamW's hyperparameters: finite (NaN passes every comparison), betas in [0, 1), lr, eps and
-    weight_decay non-negative. Shared by the ops and :class:`~sara_kernels.SparseAdamW`."""
-    _checks.check_finite(op, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
-    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
-        raise ValueError(f"sara_kernels.{op}: betas must lie in [0, 1), got ({beta1}, {beta2})")
-    if lr < 0 or eps < 0 or weight_decay < 0:
-        raise ValueError(
-            f"sara_kernels.{op}: lr={lr}, eps={eps} and weight_decay={weight_decay} must be non-negative"
-        )
-
-
-def _check_step(op, name, step):
-    _checks.check_finite(op, **{name: step})
-    if step < 1:
-        raise ValueError(f"sara_kernels.{op}: {name} must be >= 1 (AdamW counts from 1), got {step}")
-
-
-def _check_adamw_set(op, tensors, names=_ADAMW_NAMES):
-    """Every check of one (weight, index, base, delta, grad, exp_avg, exp_avg_sq) set; ``names``
-    label the tensors in messages."""
-    weight, index, base, delta, grad, exp_avg, exp_avg_sq = tensors
-    _check_weight_side(op, weight, index, base, names[:3])
-    fp32 = (torch.float32,)
-    for name, t in zip(names[3:], (delta, grad, exp_avg, exp_avg_sq), strict=True):
-        _check_compact(op, name, t, index, fp32, index_name=names[1])
-    if weight.dtype == torch.float64:
-        raise TypeError(
-            f"sara_kernels.{op}: {names[0]} dtype float64 is not supported; use fp32, bf16 or fp16"
-        )
-    _checks.check_same_device(op, **dict(zip(names, tensors, strict=True)))
-    _checks.check_index(op, index, weight.numel(), name=names[1])
-
-
-def _adamw_written_and_read(sets, names_of):
-    """The tensors an AdamW step writes (weight, delta, moments) and reads (index, base, grad)."""
-    written, read = {}, {}
-    for i, tensors in enumerate(sets):
-        names = names_of(i)
-        for j in (0, 3, 5, 6):
-            written[names[j]] = tensors[j]
-        for j in (1, 2, 4):
-            read[names[j]] = tensors[j]
-    return written, read
-
-
-def _sparse_adamw_(
-    weight,
-    index,
-    base,
-    delta,
-    grad,
-    exp_avg,
-    exp_avg_sq,
-    *,
-    step,
-    lr,
-    beta1,
-    beta2,
-    eps,
-    weight_decay,
-    maximize=False,
-):
-    op = "sparse_adamw_"
-    tensors = (weight, index, base, delta, grad, exp_avg, exp_avg_sq)
-    _check_adamw_set(op, tensors)
-    _checks.check_no_overlap(op, *_adamw_written_and_read([tensors], lambda i: _ADAMW_NAMES))
-    _check_step(op, "step", step)
-    check_adamw_hyper(op, lr, beta1, beta2, eps, weight_decay)
-    run_sparse_adamw_(
-        weight,
-        index,
-        base,
-        delta,
-        grad,
-        exp_avg,
-        exp_avg_sq,
-        step=step,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        maximize=maximize,
-    )
-
-
-def run_sparse_adamw_(
-    weight,
-    index,
-    base,
-    delta,
-    grad,
-    exp_avg,
-    exp_avg_sq,
-    *,
-    step,
-    lr,
-    beta1,
-    beta2,
-    eps,
-    weight_decay,
-    maximize=False,
-):
-    """Pick the backend and run the fused step with no Python-side checks: SparseAdamW's fast path,
-    for layers that validated their tensors when they were built (the native kernels still check
-    shapes and index ranges)."""
-    op = "sparse_adamw_"
-    backend = _backend.select_backend(op, weight.device)
-    last_backend[op] = backend
-    scalars = dict(
-        step=float(step),
-        lr=float(lr),
-        beta1=float(beta1),
-        beta2=float(beta2),
-        eps=float(eps),
-        weight_decay=float(weight_decay),
-        maximize=bool(maximize),
-    )
-    if backend == "reference":
-        reference.sparse_adamw_(weight, index, base, delta, grad, exp_avg, exp_avg_sq, **scalars)
-    elif backend == "triton":
-        _triton(op)(weight, index, base, delta, grad, exp_avg, exp_avg_sq, **scalars)
-    else:
-        _native(op)(weight, index, base, delta, grad, exp_avg, exp_avg_sq, *scalars.values())
-
-
-_register_device_kernel("sparse_adamw_", _sparse_adamw_)
-_lib.impl("sparse_adamw_", reference.sparse_adamw_, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake(_qualname("sparse_adamw_"), lib=_lib)
-def _(
-    weight,
-    index,
-    base,
-    delta,
-    grad,
-    exp_avg,
-    exp_avg_sq,
-    *,
-    step,
-    lr,
-    beta1,
-    beta2,
-    eps,
-    weight_decay,
-    maximize=False,
-):
-    names = ("weight", "index", "base", "delta", "grad", "exp_avg", "exp_avg_sq")
-    tensors = (weight, index, base, delta, grad, exp_avg, exp_avg_sq)
-    _checks.check_same_device("sparse_adamw_", **dict(zip(names, tensors, strict=True)))
+def _(*tensors, step, **hyper):
+    _checks.check_same_device("sparse_adamw_", **dict(zip(_checks.ADAMW_NAMES, tensors, strict=True)))
     return None
 
 
-def _sparse_adamw_multi_(
-    weights,
-    indices,
-    bases,
-    deltas,
-    grads,
-    exp_avgs,
-    exp_avg_sqs,
-    *,
-    steps,
-    lr,
-    beta1,
-    beta2,
-    eps,
-    weight_decay,
-    maximize=False,
-):
-    op = "sparse_adamw_multi_"
-    lists = (weights, indices, bases, deltas, grads, exp_avgs, exp_avg_sqs, steps)
-    n = len(weights)
-    for name, values in zip(_ADAMW_LIST_NAMES[1:] + ("steps",), lists[1:], strict=True):
-        if len(values) != n:
-            raise ValueError(
-                f"sara_kernels.{op}: {name} has {len(values)} entries but weights has {n}; "
-                "every list needs one entry per weight"
-            )
-    check_adamw_hyper(op, lr, beta1, beta2, eps, weight_decay)
-    if n == 0:
-        return
-    for i, tensors in enumerate(zip(*lists[:7], strict=True)):
-        names = tuple(f"{name}[{i}]" for name in _ADAMW_LIST_NAMES)
-        _check_adamw_set(op, tensors, names)
-        if tensors[0].device != weights[0].device:
-            raise RuntimeError(
-                f"sara_kernels.{op}: weights[{i}] is on {tensors[0].device} but weights[0] is on "
-                f"{weights[0].device}; all tensors must be on one device"
-            )
-        _check_step(op, f"steps[{i}]", steps[i])
-    sets = list(zip(*lists[:7], strict=True))
-    names_of = lambda i: tuple(f"{name}[{i}]" for name in _ADAMW_LIST_NAMES)  # noqa: E731
-    _checks.check_no_overlap(op, *_adamw_written_and_read(sets, names_of))
-    run_sparse_adamw_multi_(
-        weights,
-        indices,
-        bases,
-        deltas,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        steps=steps,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        maximize=maximize,
-    )
-
-
-def run_sparse_adamw_multi_(
-    weights,
-    indices,
-    bases,
-    deltas,
-    grads,
-    exp_avgs,
-    exp_avg_sqs,
-    *,
-    steps,
-    lr,
-    beta1,
-    beta2,
-    eps,
-    weight_decay,
-    maximize=False,
-):
-    """Pick the backend (from the first weight's device) and run the multi-tensor step with no
-    Python-side checks: SparseAdamW's fast path, for tensor sets whose layers validated them when
-    they were built, on one device, with no tensor written twice (the native kernels still check
-    shapes and index ranges, and refuse aliasing)."""
-    op = "sparse_adamw_multi_"
-    if len(weights) == 0:
-        return
-    backend = _backend.select_backend(op, weights[0].device)
-    last_backend[op] = backend
-    steps = [float(step) for step in steps]
-    scalars = dict(
-        lr=float(lr),
-        beta1=float(beta1),
-        beta2=float(beta2),
-        eps=float(eps),
-        weight_decay=float(weight_decay),
-        maximize=bool(maximize),
-    )
-    lists = (weights, indices, bases, deltas, grads, exp_avgs, exp_avg_sqs)
-    if backend == "reference":
-        reference.sparse_adamw_multi_(*lists, steps=steps, **scalars)
-    elif backend == "triton":
-        _triton(op)(*lists, steps=steps, **scalars)
-    else:
-        _native(op)(*lists, steps, *scalars.values())
-
-
-_register_device_kernel("sparse_adamw_multi_", _sparse_adamw_multi_)
-_lib.impl("sparse_adamw_multi_", reference.sparse_adamw_multi_, "CompositeExplicitAutograd")
-
-
 @torch.library.register_fake(_qualname("sparse_adamw_multi_"), lib=_lib)
-def _(
-    weights,
-    indices,
-    bases,
-    deltas,
-    grads,
-    exp_avgs,
-    exp_avg_sqs,
-    *,
-    steps,
-    lr,
-    beta1,
-    beta2,
-    eps,
-    weight_decay,
-    maximize=False,
-):
-    lists = (weights, indices, bases, deltas, grads, exp_avgs, exp_avg_sqs)
+def _(*lists, steps, **hyper):
     _checks.check_same_device(
         "sparse_adamw_multi_",
         **{
             f"{name}[{i}]": t
-            for name, values in zip(_ADAMW_LIST_NAMES, lists, strict=True)
+            for name, values in zip(_checks.ADAMW_LIST_NAMES, lists, strict=True)
             for i, t in enumerate(values)
         },
     )
     return None
 
 
-def _scatter_merge_(weight, index, base, delta, alpha=1.0):
-    op = "scatter_merge_"
-    _check_weight_side(op, weight, index, base)
-    _check_compact(op, "delta", delta, index, (torch.float32, torch.float64))
-    _checks.check_same_device(op, weight=weight, index=index, base=base, delta=delta)
-    _checks.check_no_overlap(op, {"weight": weight}, {"index": index, "base": base, "delta": delta})
-    _checks.check_finite(op, alpha=float(alpha))
-    _checks.check_index(op, index, weight.numel())
-    backend = _backend.select_backend(op, weight.device)
-    last_backend[op] = backend
-    if backend == "reference":
-        reference.scatter_merge_(weight, index, base, delta, alpha)
-    elif backend == "triton":
-        _triton(op)(weight, index, base, delta, float(alpha))
-    else:
-        _native(op)(weight, index, base, delta, float(alpha))
-
-
-_register_device_kernel("scatter_merge_", _scatter_merge_)
-_lib.impl("scatter_merge_", reference.scatter_merge_, "CompositeExplicitAutograd")
-
-
 @torch.library.register_fake(_qualname("scatter_merge_"), lib=_lib)
 def _(weight, index, base, delta, alpha=1.0):
     _checks.check_same_device("scatter_merge_", weight=weight, index=index, base=base, delta=delta)
     return None
-
-
-def _restore_(weight, index, base):
-    op = "restore_"
-    _check_weight_side(op, weight, index, base)
-    _checks.check_same_device(op, weight=weight, index=index, base=base)
-    _checks.check_no_overlap(op, {"weight": weight}, {"index": index, "base": base})
-    _checks.check_index(op, index, weight.numel())
-    backend = _backend.select_backend(op, weight.device)
-    last_backend[op] = backend
-    if backend == "reference":
-        reference.restore_(weight, index, base)
-    elif backend == "triton":
-        _triton(op)(weight, index, base)
-    else:
-        _native(op)(weight, index, base)
-
-
-_register_device_kernel("restore_", _restore_)
-_lib.impl("restore_", reference.restore_, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake(_qualname("restore_"), lib=_lib)
@@ -802,36 +328,16 @@ def _(weight, index, base):
 # ---------------------------------------------------------------------------------------------
 # Autograd ops: sparse_linear, sparse_conv2d
 # ---------------------------------------------------------------------------------------------
-def _check_sparse_layer(op, x, weight, bias, index, delta):
-    _checks.check_tensor(op, "x", x, dtypes=_checks.FLOAT_DTYPES)
-    _checks.check_tensor(op, "weight", weight, dtypes=_checks.WEIGHT_DTYPES)
-    _checks.check_tensor(op, "index", index, dtypes=_checks.INDEX_DTYPES, dim=1)
-    _checks.check_tensor(op, "delta", delta, dtypes=(torch.float32, torch.float64), dim=1)
-    if delta.shape != index.shape:
-        raise ValueError(
-            f"sara_kernels.{op}: delta has shape {tuple(delta.shape)} but index has {tuple(index.shape)}"
-        )
-    if bias is not None:
-        _checks.check_tensor(op, "bias", bias, dim=1)
-        if bias.shape[0] != weight.shape[0]:
-            raise ValueError(
-                f"sara_kernels.{op}: bias has {bias.shape[0]} entries but weight has {weight.shape[0]} outputs"
-            )
-    _checks.check_same_device(op, x=x, weight=weight, bias=bias, index=index, delta=delta)
-    _checks.check_index(op, index, weight.numel())
 
 
 def _sparse_linear(x, weight, bias, index, delta):
     op = "sparse_linear"
-    _check_sparse_layer(op, x, weight, bias, index, delta)
+    _checks.check_sparse_layer(op, x, weight, bias, index, delta)
     if weight.dim() != 2 or x.dim() == 0 or x.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"sara_kernels.{op}: x {tuple(x.shape)} does not match weight {tuple(weight.shape)} ([out, in])"
         )
     return F.linear(x, weight, bias)
-
-
-_lib.impl("sparse_linear", _sparse_linear, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake(_qualname("sparse_linear"), lib=_lib)
@@ -860,7 +366,7 @@ def _linear_setup_context(ctx, inputs, output):
     _setup_layer("sparse_linear", ctx, inputs)
 
 
-def _linear_backward(ctx, grad, checked=True):
+def _linear_backward(ctx, grad):
     x, weight, index = ctx.saved_tensors
     need_x, _, need_bias, _, need_delta = ctx.needs_input_grad
     out_features, in_features = ctx.weight_shape
@@ -870,30 +376,19 @@ def _linear_backward(ctx, grad, checked=True):
     if need_bias:
         grad_bias = grad.reshape(-1, out_features).sum(0).to(ctx.bias_dtype)
     if need_delta:
-        # ``checked``: through the registered op (traceable, inputs checked); else straight to the
-        # backend, for the layers' eager path whose shapes and index are known good.
-        sampled = (
-            torch.ops.sara_kernels.sampled_weight_grad_linear if checked else _run_sampled_weight_grad_linear
-        )
-        grad_delta = sampled(grad, x, index, out_features, in_features).to(ctx.delta_dtype)
+        grad_delta = torch.ops.sara_kernels.sampled_weight_grad_linear.default(
+            grad, x, index, out_features, in_features
+        ).to(ctx.delta_dtype)
     return grad_x, None, grad_bias, None, grad_delta
-
-
-torch.library.register_autograd(
-    _qualname("sparse_linear"), _linear_backward, setup_context=_linear_setup_context, lib=_lib
-)
 
 
 def _sparse_conv2d(x, weight, bias, index, delta, stride, padding, dilation, groups):
     op = "sparse_conv2d"
-    _check_sparse_layer(op, x, weight, bias, index, delta)
+    _checks.check_sparse_layer(op, x, weight, bias, index, delta)
     if weight.dim() != 4:
         raise ValueError(f"sara_kernels.{op}: weight must be 4-D, got shape {tuple(weight.shape)}")
     _checks.check_conv2d(op, x, weight.shape, stride, padding, dilation, groups)
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-
-
-_lib.impl("sparse_conv2d", _sparse_conv2d, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake(_qualname("sparse_conv2d"), lib=_lib)
@@ -911,15 +406,15 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
-def _sampled_conv(dims: int, checked: bool):
+def _sampled_conv(dims: int):
     """The sampled weight gradient of a ``dims``-D convolution (same arguments as conv2d's)."""
     if dims == 2:
-        return _conv2d_sampler(checked)
+        return torch.ops.sara_kernels.sampled_weight_grad_conv2d.default
     composite = sampled_weight_grad_conv1d if dims == 1 else sampled_weight_grad_conv3d
-    return lambda *args: composite(*args, checked=checked)
+    return lambda *args: composite(*args, checked=False)
 
 
-def _conv_backward(ctx, grad, checked=True):
+def _conv_backward(ctx, grad):
     """Backward of a 1-, 2- or 3-D sparse convolution (the dims follow the weight)."""
     x, weight, index = ctx.saved_tensors
     need_x, _, need_bias, _, need_delta = ctx.needs_input_grad[:5]
@@ -945,16 +440,11 @@ def _conv_backward(ctx, grad, checked=True):
     if need_bias:
         grad_bias = grad.sum((0, *range(2, 2 + dims))).to(ctx.bias_dtype)
     if need_delta:
-        sampled = _sampled_conv(dims, checked)
+        sampled = _sampled_conv(dims)
         grad_delta = sampled(grad, x, index, list(ctx.weight_shape), stride, padding, dilation, groups).to(
             ctx.delta_dtype
         )
     return grad_x, None, grad_bias, None, grad_delta, None, None, None, None
-
-
-torch.library.register_autograd(
-    _qualname("sparse_conv2d"), _conv_backward, setup_context=_conv_setup_context, lib=_lib
-)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -988,10 +478,6 @@ def _register_autocast(op_name: str, cast_positions: tuple[int, ...]) -> None:
         _lib.impl(op_name, lambda _keyset, *args, _f=autocast_kernel: _f(*args), key_name, with_keyset=True)
 
 
-_register_autocast("sparse_linear", (0, 1, 2))
-_register_autocast("sparse_conv2d", (0, 1, 2))
-
-
 # ---------------------------------------------------------------------------------------------
 # Eager fast path for the layers
 # ---------------------------------------------------------------------------------------------
@@ -1014,23 +500,11 @@ def autocast_args(tensors: tuple, device_type: str) -> tuple:
     )
 
 
-class SparseLinearFunction(torch.autograd.Function):
-    """sparse_linear without the op dispatcher (inputs already validated by the layer)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, index, delta):
-        _setup_layer("sparse_linear", ctx, (x, weight, bias, index, delta))
-        return F.linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _linear_backward(ctx, grad, checked=False)
-
-
 class SparseConvFunction(torch.autograd.Function):
-    """sparse_conv2d without the op dispatcher (inputs already validated by the layer), and its 1-D
-    and 3-D counterparts: the forward is ``F.conv1d/2d/3d`` (by the weight's dims) on the merged
-    weight, the delta's gradient the sampled weight gradient of that convolution."""
+    """The autograd of the 1-D and 3-D sparse convolutions (inputs validated by the layer), the same
+    eagerly and under torch.compile: the forward is ``F.conv1d/3d`` on the merged weight, the
+    delta's gradient the sampled weight gradient of that convolution (a reduction to the conv2d
+    op). Without the compiled extension it also serves Conv2d."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, index, delta, stride, padding, dilation, groups):
@@ -1042,10 +516,7 @@ class SparseConvFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _conv_backward(ctx, grad, checked=False)
-
-
-SparseConv2dFunction = SparseConvFunction
+        return _conv_backward(ctx, grad)
 
 
 class SparseEmbeddingFunction(torch.autograd.Function):
@@ -1082,3 +553,87 @@ class SparseEmbeddingFunction(torch.autograd.Function):
                 checked=False,
             ).to(ctx.delta_dtype)
         return None, None, None, grad_delta, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# The Python kernels: one shared validator per op, then the backend
+# ---------------------------------------------------------------------------------------------
+#: Each kernel op's Python validator (the native kernels check the same in C++, csrc/checks.h).
+
+
+def _triton_or_reference(op: str):
+    """The Triton runner of op (selection uses torch ops, so its reference)."""
+    if op == "select_small_magnitude":
+        return reference.select_small_magnitude
+    special = {
+        "sampled_weight_grad_linear": _triton_sampled_linear,
+        "sampled_weight_grad_conv2d": _triton_sampled_conv2d,
+    }
+    return special.get(op) or (lambda *args, **kwargs: _triton(op)(*args, **kwargs))
+
+
+def validate(op: str, *args, **kwargs) -> None:
+    """Run op's Python validator (what the reference and Triton kernels check before they run)."""
+    _checks.VALIDATORS[op](*args, **kwargs)
+
+
+def _python_kernel(op: str):
+    """The Python kernel of op: the validator, then the backend :func:`~sara_kernels._backend.select_backend`
+    names for the tensors' device (the forced one, which raises when it can't run here; else Triton
+    on CUDA, the reference elsewhere), recorded as what ran."""
+    validator = _checks.VALIDATORS[op]
+    runners = {"reference": getattr(reference, op), "triton": _triton_or_reference(op)}
+
+    def kernel(*args, **kwargs):
+        validator(*args, **kwargs)
+        first = args[0]
+        if isinstance(first, (list, tuple)):  # sparse_adamw_multi_: the first weight's device
+            if not first:
+                return None
+            first = first[0]
+        chosen = _backend.select_backend(op, first.device)
+        if chosen not in runners:  # a native backend on a device it has no kernel for
+            chosen = "reference"
+        _backend.record_run(op, chosen)
+        return runners[chosen](*args, **kwargs)
+
+    kernel.__name__ = f"{op}_python"
+    return kernel
+
+
+for _op in _checks.VALIDATORS:
+    _lib.impl(_op, _python_kernel(_op), "CompositeExplicitAutograd")
+    if not _backend.native_available("cuda"):
+        _lib.impl(_op, _python_kernel(_op), "CUDA")  # Triton where it runs, else the reference
+
+if not _backend.native_available("cpu"):
+    # Without the compiled extension: the layer ops' forward, autograd and autocast in Python.
+    _lib.impl("sparse_linear", _sparse_linear, "CompositeExplicitAutograd")
+    _lib.impl("sparse_conv2d", _sparse_conv2d, "CompositeExplicitAutograd")
+    torch.library.register_autograd(
+        _qualname("sparse_linear"), _linear_backward, setup_context=_linear_setup_context, lib=_lib
+    )
+    torch.library.register_autograd(
+        _qualname("sparse_conv2d"), _conv_backward, setup_context=_conv_setup_context, lib=_lib
+    )
+    _register_autocast("sparse_linear", (0, 1, 2))
+    _register_autocast("sparse_conv2d", (0, 1, 2))
+
+
+def override_library(backend: str) -> torch.library.Library:
+    """Register ``backend``'s Python kernels over the CPU and CUDA keys of every kernel op (a
+    forced backend); destroying the returned library restores the default kernels. A forced native
+    backend overrides only the other device's key, whose calls it must refuse."""
+    import warnings
+
+    keys = {"cpu": ("CUDA",), "cuda": ("CPU",)}.get(backend, ("CPU", "CUDA"))
+    library = torch.library.Library(NAMESPACE, "IMPL")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Oo]verrid")
+        for op in _checks.VALIDATORS:
+            for key in keys:
+                library.impl(op, _python_kernel(op), key)
+    return library
+
+
+_backend._apply_environment()

@@ -63,6 +63,7 @@ from sara_kernels import ops as sk
 
 #: Attribute of a delta: its ``_version`` when its layer's weight was last merged (None: stale).
 _MERGED = "_sara_kernels_merged_version"
+_REGISTERED = "_sara_kernels_registered"
 
 #: Tensors a sparse-delta layer adds to its dense layer, in state-dict order.
 SPARSE_PARAMETERS = ("sparse_delta",)
@@ -158,7 +159,11 @@ def _register(layer) -> None:
     if not any(r() is layer for r in refs):
         refs.append(weakref.ref(layer))
     delta.__dict__[_LAYERS] = refs
-    _WEIGHT_OWNER[layer._parameters["weight"]] = weakref.ref(delta)
+    weight = layer._parameters["weight"]
+    _WEIGHT_OWNER[weight] = weakref.ref(delta)
+    # What the forward compares to know the layer is registered (a deep copy or an unpickled
+    # layer has other ids, so it registers itself again).
+    layer.__dict__[_REGISTERED] = (id(layer), id(delta), id(weight))
 
 
 def module_parents(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
@@ -563,7 +568,8 @@ class _SparseDeltaMixin:
     def _check_state(self) -> None:
         """Cheap consistency checks before the layer's tensors are used (every forward and fused
         step): a replaced, resized or recast weight or delta is an error naming the layer."""
-        params, buffers = self._parameters, self._buffers
+        d = self.__dict__
+        params, buffers = d["_parameters"], d["_buffers"]
         weight, delta = params.get("weight"), params.get("sparse_delta")
         if weight is not self.__dict__.get("_sparse_weight"):
             raise RuntimeError(
@@ -681,15 +687,30 @@ class _SparseDeltaMixin:
             mark_merged(self._parameters["sparse_delta"])
 
     def _maybe_merge(self) -> None:
-        delta = self._parameters["sparse_delta"]
+        d = self.__dict__
+        params = d["_parameters"]
+        weight, delta = params["weight"], params["sparse_delta"]
         if torch.compiler.is_compiling():
             # Inside a compiled graph the version counter is not visible: merge always (O(n)).
             self.merge_()
             return
+        # The fast path of every forward: the same weight and delta, registered and merged, the
+        # weight's shape, layout and dtype unchanged (a delta resized in place is refused by the
+        # op, which checks it against the index). Anything else takes the full checks.
+        if (
+            d.get(_REGISTERED) == (id(self), id(delta), id(weight))
+            and weight is d["_sparse_weight"]
+            and type(delta) is DeltaParameter
+            and delta.__dict__.get(_MERGED) == delta._version
+            and weight.shape == d["_sparse_weight_shape"]
+            and weight.is_contiguous()
+            and weight.dtype is d["_buffers"]["sparse_base"].dtype
+        ):
+            return
         self._check_state()
-        if not _is_merged(delta):
+        if delta.__dict__.get(_MERGED) != delta._version:
             self.merge_()
-        if not any(ref() is self for ref in delta.__dict__.get(_LAYERS, ())):
+        if d.get(_REGISTERED) != (id(self), id(delta), id(weight)):
             _register(self)  # e.g. a deep copy or an unpickled model
 
     def unmerge_(self) -> None:
@@ -1150,6 +1171,12 @@ def _parse_sparse_state(sparse: dict, label: str):
     return index.detach(), base.detach(), total, frozen
 
 
+# The layer ops, called the same way eagerly and under torch.compile: one dispatcher call into the
+# C++ autograd kernels (csrc/autograd.cpp).
+_sparse_linear = torch.ops.sara_kernels.sparse_linear.default
+_sparse_conv2d = torch.ops.sara_kernels.sparse_conv2d.default
+
+
 class SparseDeltaLinear(_SparseDeltaMixin, nn.Linear):
     """``nn.Linear`` whose trainable part is a k-sized delta on selected weight entries.
 
@@ -1184,10 +1211,8 @@ class SparseDeltaLinear(_SparseDeltaMixin, nn.Linear):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._maybe_merge()
         index, delta = self._trainable()
-        if torch.compiler.is_compiling():
-            return sk.sparse_linear(input, self.weight, self.bias, index, delta)
-        x, weight, bias = _ops.autocast_args((input, self.weight, self.bias), input.device.type)
-        return _ops.SparseLinearFunction.apply(x, weight, bias, index, delta)
+        p = self._parameters
+        return _sparse_linear(input, p["weight"], p["bias"], index, delta)
 
     def to_dense(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding the merged weight (a copy)."""
@@ -1231,14 +1256,12 @@ class _SparseConvMixin(_SparseDeltaMixin):
         index, delta = self._trainable()
         input, padding = self._padded(input)
         args = (list(self.stride), padding, list(self.dilation), self.groups)
-        if torch.compiler.is_compiling():
-            return self._compiled_forward(input, index, delta, args)
+        return self._conv(input, index, delta, args)
+
+    def _conv(self, input, index, delta, args):
+        """Conv1d / Conv3d: their autograd Function (autocast as nn.ConvNd computes)."""
         x, weight, bias = _ops.autocast_args((input, self.weight, self.bias), input.device.type)
         return _ops.SparseConvFunction.apply(x, weight, bias, index, delta, *args)
-
-    def _compiled_forward(self, input, index, delta, args):
-        """The forward under torch.compile (Conv3d has no registered op: its autograd Function)."""
-        return _ops.SparseConvFunction.apply(input, self.weight, self.bias, index, delta, *args)
 
     def to_dense(self) -> nn.Module:
         """A plain ``nn.Conv1d/2d/3d`` holding the merged weight (a copy)."""
@@ -1268,10 +1291,10 @@ class SparseDeltaConv1d(_SparseConvMixin, nn.Conv1d):
     _dense_type = nn.Conv1d
     _dims = 1
 
-    def _compiled_forward(self, input, index, delta, args):
-        # The exact reduction to the registered conv2d op: height 1 on the input and the weight.
+    def _conv(self, input, index, delta, args):
+        # The exact reduction to the conv2d op: height 1 on the input and the weight.
         stride, padding, dilation, groups = args
-        out = sk.sparse_conv2d(
+        out = _sparse_conv2d(
             input.unsqueeze(2),
             self.weight.unsqueeze(2),
             self.bias,
@@ -1295,8 +1318,9 @@ class SparseDeltaConv2d(_SparseConvMixin, nn.Conv2d):
     _dense_type = nn.Conv2d
     _dims = 2
 
-    def _compiled_forward(self, input, index, delta, args):
-        return sk.sparse_conv2d(input, self.weight, self.bias, index, delta, *args)
+    def _conv(self, input, index, delta, args):
+        p = self._parameters
+        return _sparse_conv2d(input, p["weight"], p["bias"], index, delta, *args)
 
 
 class SparseDeltaConv3d(_SparseConvMixin, nn.Conv3d):

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 import torch
 
-from sara_kernels import _ops, reference
+from sara_kernels import _checks, _ops, reference  # noqa: F401  (_ops registers the ops)
 from sara_kernels.nn import layer_of, mark_merged
 
 
@@ -62,7 +62,7 @@ class SparseAdamW(torch.optim.Optimizer):
     ):
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
             raise ValueError(f"SparseAdamW: betas must be a pair of numbers, got {betas!r}")
-        _ops.check_adamw_hyper("SparseAdamW", lr, betas[0], betas[1], eps, weight_decay)
+        _checks.AdamWHyper(lr, betas[0], betas[1], eps, weight_decay).check("SparseAdamW")
         if foreach not in (None, True, False):
             raise ValueError(f"SparseAdamW: foreach must be None, True or False, got {foreach!r}")
         defaults = dict(
@@ -95,22 +95,11 @@ class SparseAdamW(torch.optim.Optimizer):
             beta1, beta2 = group["betas"]
             # Read from the group on every step (a scheduler or the user may have changed them):
             # a NaN or out-of-range value is an error naming the group, never a NaN weight.
-            _ops.check_adamw_hyper(
-                f"SparseAdamW (param_groups[{i}])",
-                group["lr"],
-                beta1,
-                beta2,
-                group["eps"],
-                group["weight_decay"],
+            adamw = _checks.AdamWHyper(
+                group["lr"], beta1, beta2, group["eps"], group["weight_decay"], group["maximize"]
             )
-            hyper = dict(
-                lr=float(group["lr"]),
-                beta1=float(beta1),
-                beta2=float(beta2),
-                eps=float(group["eps"]),
-                weight_decay=float(group["weight_decay"]),
-                maximize=bool(group["maximize"]),
-            )
+            adamw.check(f"SparseAdamW (param_groups[{i}])")
+            hyper = adamw.scalars()
             fused = []  # (delta, its layer, grad, state): the fused update + write-back
             for p in group["params"]:
                 if p.grad is None:
@@ -140,8 +129,7 @@ class SparseAdamW(torch.optim.Optimizer):
         return loss
 
     def _fused_step(self, fused: list, hyper: dict, foreach: bool | None) -> None:
-        # Straight to the backend: the layers' tensors were validated when they were built (the
-        # ops' Python checks cost ~50-90 us per call, x282 layers on a UNet).
+        # The fused ops (their kernels check every set: on the CPU and CUDA in C++, in one call).
         sets = []
         for p, layer, grad, state in fused:
             # A replaced or resized weight is an error, never a stray write; a weight left unmerged
@@ -177,13 +165,16 @@ class SparseAdamW(torch.optim.Optimizer):
             for entries in by_device.values():
                 if len({entry[0].data_ptr() for entry in entries}) == len(entries):
                     columns = list(zip(*entries, strict=True))
-                    _ops.run_sparse_adamw_multi_(*columns[:7], steps=columns[7], **hyper)
+                    _adamw_multi(*columns[:7], steps=columns[7], **hyper)
                 else:
                     one_by_one.extend(entries)
         for weight, index, base, delta, grad, exp_avg, exp_avg_sq, step in one_by_one:
-            _ops.run_sparse_adamw_(weight, index, base, delta, grad, exp_avg, exp_avg_sq, step=step, **hyper)
+            _adamw(weight, index, base, delta, grad, exp_avg, exp_avg_sq, step=step, **hyper)
         for p, _, _, _ in fused:
             mark_merged(p)  # the weight holds base + delta: no re-merge before the forward
 
+
+_adamw = torch.ops.sara_kernels.sparse_adamw_.default
+_adamw_multi = torch.ops.sara_kernels.sparse_adamw_multi_.default
 
 __all__ = ["SparseAdamW", "paper_learning_rate"]

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from sara_kernels._checks import check_range
+from sara_kernels._checks import AdamWHyper, check_range
 
 
 def accumulate_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -133,28 +133,12 @@ def sparse_adamw_(
     exp_avg_sq: torch.Tensor,
     *,
     step: float,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    maximize: bool = False,
+    **hyper,
 ) -> None:
-    """One AdamW step on the compact vectors, with torch.optim.AdamW's arithmetic, then write back."""
+    """One AdamW step on the compact vectors, with torch.optim.AdamW's arithmetic, then write back
+    (``hyper``: the :class:`~sara_kernels._checks.AdamWHyper` fields)."""
     check_range("sparse_adamw_", index, weight.numel())
-    adamw_update_(
-        delta,
-        grad,
-        exp_avg,
-        exp_avg_sq,
-        step=step,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        maximize=maximize,
-    )
+    adamw_update_(delta, grad, exp_avg, exp_avg_sq, step=step, **hyper)
     weight.view(-1)[index.long()] = _merged_values(base, delta, weight.dtype)
 
 
@@ -168,12 +152,7 @@ def sparse_adamw_multi_(
     exp_avg_sqs: Sequence[torch.Tensor],
     *,
     steps: Sequence[float],
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    maximize: bool = False,
+    **hyper,
 ) -> None:
     """:func:`sparse_adamw_` on each tensor set in turn, set ``i`` at step ``steps[i]`` (every
     set's index range is checked before any set is written)."""
@@ -182,22 +161,7 @@ def sparse_adamw_multi_(
     for weight, index, base, delta, grad, exp_avg, exp_avg_sq, step in zip(
         weights, indices, bases, deltas, grads, exp_avgs, exp_avg_sqs, steps, strict=True
     ):
-        sparse_adamw_(
-            weight,
-            index,
-            base,
-            delta,
-            grad,
-            exp_avg,
-            exp_avg_sq,
-            step=step,
-            lr=lr,
-            beta1=beta1,
-            beta2=beta2,
-            eps=eps,
-            weight_decay=weight_decay,
-            maximize=maximize,
-        )
+        sparse_adamw_(weight, index, base, delta, grad, exp_avg, exp_avg_sq, step=step, **hyper)
 
 
 def adamw_update_(
@@ -207,14 +171,10 @@ def adamw_update_(
     exp_avg_sq: torch.Tensor,
     *,
     step: float,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    maximize: bool = False,
+    **hyper,
 ) -> None:
     """torch.optim.AdamW's single-tensor arithmetic on any tensor (bias correction, decoupled decay)."""
+    lr, beta1, beta2, eps, weight_decay, maximize = AdamWHyper(**hyper)
     if maximize:
         grad = -grad
     if weight_decay != 0:

@@ -5,7 +5,6 @@
 // bound; fusing the AdamW update with the write-back saves the ~9 separate passes (and the
 // temporaries) of the op-by-op PyTorch version.
 #include "common.h"
-#include "adamw_multi.h"
 
 #include <cmath>
 #include <string>
@@ -14,9 +13,8 @@
 
 namespace sara_kernels_cpu {
 
-using sara_kernels_msg::AdamNames;
-using sara_kernels_msg::check_multi_lengths;
-using sara_kernels_msg::check_multi_no_aliasing;
+namespace check = sara_kernels_check;
+using check::AdamNames;
 namespace {
 
 struct AdamScalars {
@@ -62,38 +60,34 @@ SARA_HOT_CLONES __attribute__((optimize("fp-contract=off"))) void adamw_entries(
   }
 }
 
-void check_weight_side(const char* op, const at::Tensor& weight, const at::Tensor& index,
-                       const at::Tensor& base) {
-  check_float_tensor(op, "weight", weight);
-  check_index_tensor(op, index);
-  const int64_t k = index.numel();
-  check_compact(op, "base", base, k, weight.scalar_type());
+// Every check of one AdamW tensor set (checks.h), then its index values; returns the index and
+// base as contiguous tensors (they are only read, so a strided one is copied).
+std::pair<at::Tensor, at::Tensor> check_adamw_tensors(const char* op, const AdamNames& n, const at::Tensor& weight,
+                                                      const at::Tensor& index, const at::Tensor& base,
+                                                      const at::Tensor& delta, const at::Tensor& grad,
+                                                      const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq) {
+  check::adamw_set(op, n, weight, index, base, delta, grad, exp_avg, exp_avg_sq);
+  return {check_index(op, index, weight.numel(), n.index), base.contiguous()};
 }
 
-
-// Every check of one AdamW tensor set (dtypes, devices, sizes, layout, index values).
-void check_adamw_tensors(const char* op, const AdamNames& n, const at::Tensor& weight,
-                         const at::Tensor& index, const at::Tensor& base, const at::Tensor& delta,
-                         const at::Tensor& grad, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq) {
-  check_float_tensor(op, n.weight.c_str(), weight);
-  TORCH_CHECK(weight.scalar_type() != at::kDouble, op_name(op), ": ", n.weight,
-              " dtype Double is not supported; use Float, BFloat16 or Half");
-  check_index_tensor(op, index, n.index.c_str());
-  const int64_t k = index.numel();
-  check_compact(op, n.base.c_str(), base, k, weight.scalar_type());
-  check_compact(op, n.delta.c_str(), delta, k, at::kFloat);
-  check_compact(op, n.grad.c_str(), grad, k, at::kFloat);
-  check_compact(op, n.exp_avg.c_str(), exp_avg, k, at::kFloat);
-  check_compact(op, n.exp_avg_sq.c_str(), exp_avg_sq, k, at::kFloat);
-  check_index(op, index, weight.numel(), n.index.c_str());
+// The tensors of AdamW sets in argument order, for check::no_overlap: written weight, delta and
+// moments; read index, base and grad.
+void add_adamw_args(std::vector<check::Arg>& written, std::vector<check::Arg>& read, const AdamNames& n,
+                    const at::Tensor& weight, const at::Tensor& index, const at::Tensor& base,
+                    const at::Tensor& delta, const at::Tensor& grad, const at::Tensor& exp_avg,
+                    const at::Tensor& exp_avg_sq) {
+  written.push_back({n.weight, &weight, true});
+  read.push_back({n.index, &index, false});
+  read.push_back({n.base, &base, false});
+  written.push_back({n.delta, &delta, true});
+  read.push_back({n.grad, &grad, false});
+  written.push_back({n.exp_avg, &exp_avg, true});
+  written.push_back({n.exp_avg_sq, &exp_avg_sq, true});
 }
 
-void check_adamw_hyper(const char* op, double lr, double beta1, double beta2, double eps,
-                       double weight_decay) {
-  TORCH_CHECK(beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1, op_name(op),
-              ": betas must lie in [0, 1), got (", num(beta1), ", ", num(beta2), ")");
-  TORCH_CHECK(lr >= 0 && eps >= 0 && weight_decay >= 0, op_name(op), ": lr=", num(lr), ", eps=", num(eps),
-              " and weight_decay=", num(weight_decay), " must be non-negative");
+void check_no_overlap(const char* op, std::vector<check::Arg> written, const std::vector<check::Arg>& read) {
+  written.insert(written.end(), read.begin(), read.end());
+  check::no_overlap(op, written);
 }
 
 // Host scalars in double, as Python computes them, then rounded to fp32 where a tensor op
@@ -139,14 +133,19 @@ void sparse_adamw_cpu(const at::Tensor& weight,      // any shape, fp32/bf16/fp1
                       double step, double lr, double beta1, double beta2, double eps,
                       double weight_decay, bool maximize) {
   constexpr const char* op = "sparse_adamw_";
-  TORCH_CHECK(step >= 1, op_name(op), ": step must be >= 1 (AdamW counts from 1), got ", num(step));
-  check_adamw_hyper(op, lr, beta1, beta2, eps, weight_decay);
-  check_adamw_tensors(op, AdamNames{}, weight, index, base, delta, grad, exp_avg, exp_avg_sq);
+  const AdamNames names{};
+  const auto [index_c, base_c] = check_adamw_tensors(op, names, weight, index, base, delta, grad, exp_avg, exp_avg_sq);
+  std::vector<check::Arg> written, read;
+  add_adamw_args(written, read, names, weight, index, base, delta, grad, exp_avg, exp_avg_sq);
+  check_no_overlap(op, written, read);
+  check::step(op, "step", step);
+  check::adamw_hyper(op, lr, beta1, beta2, eps, weight_decay);
+  check::record("sparse_adamw_", 1);
   const int64_t k = index.numel();
   if (k == 0) return;
   const AdamScalars s = adam_scalars(step, lr, beta1, beta2, eps, weight_decay, maximize);
   at::parallel_for(0, k, kElementwiseGrain, [&](int64_t b, int64_t e) {
-    adamw_range(weight, index, base, delta, grad, exp_avg, exp_avg_sq, b, e, s);
+    adamw_range(weight, index_c, base_c, delta, grad, exp_avg, exp_avg_sq, b, e, s);
   });
 }
 
@@ -159,19 +158,31 @@ void sparse_adamw_multi_cpu(at::TensorList weights, at::TensorList indices, at::
                             double beta2, double eps, double weight_decay, bool maximize) {
   constexpr const char* op = "sparse_adamw_multi_";
   const size_t n = weights.size();
-  check_multi_lengths(op, weights, indices, bases, deltas, grads, exp_avgs, exp_avg_sqs, steps);
-  check_adamw_hyper(op, lr, beta1, beta2, eps, weight_decay);
+  check::adamw_lists(op, weights, indices, bases, deltas, grads, exp_avgs, exp_avg_sqs, steps);
+  check::adamw_hyper(op, lr, beta1, beta2, eps, weight_decay);
+  check::record("sparse_adamw_multi_", 1);
+  if (n == 0) return;
   std::vector<int64_t> offsets(n + 1, 0);
   std::vector<AdamScalars> scalars(n);
+  std::vector<const AdamNames*> names(n);
+  std::vector<check::Arg> written, read;
+  std::vector<at::Tensor> index_c(n), base_c(n);
   for (size_t i = 0; i < n; ++i) {
-    TORCH_CHECK(steps[i] >= 1, op_name(op), ": steps[", num(i), "] must be >= 1 (AdamW counts from 1), got ",
-                num(steps[i]));
-    check_adamw_tensors(op, AdamNames::at(i), weights[i], indices[i], bases[i], deltas[i], grads[i],
-                        exp_avgs[i], exp_avg_sqs[i]);
+    names[i] = &AdamNames::at(i);
+    std::tie(index_c[i], base_c[i]) = check_adamw_tensors(op, *names[i], weights[i], indices[i], bases[i], deltas[i],
+                                                          grads[i], exp_avgs[i], exp_avg_sqs[i]);
+    TORCH_CHECK(weights[i].device() == weights[0].device(), prefix(op), names[i]->weight, " is on ",
+                weights[i].device().str(), " but weights[0] is on ", weights[0].device().str(),
+                "; all tensors must be on one device");
+    check::step(op, "steps[" + std::to_string(i) + "]", steps[i]);
     offsets[i + 1] = offsets[i] + indices[i].numel();
     scalars[i] = adam_scalars(steps[i], lr, beta1, beta2, eps, weight_decay, maximize);
   }
-  check_multi_no_aliasing(op, weights, deltas, exp_avgs, exp_avg_sqs);
+  for (size_t i = 0; i < n; ++i) {
+    add_adamw_args(written, read, *names[i], weights[i], indices[i], bases[i], deltas[i], grads[i], exp_avgs[i],
+                   exp_avg_sqs[i]);
+  }
+  check_no_overlap(op, written, read);
   const int64_t total = offsets[n];
   if (total == 0) return;
   at::parallel_for(0, total, kElementwiseGrain, [&](int64_t b, int64_t e) {
@@ -181,7 +192,7 @@ void sparse_adamw_multi_cpu(at::TensorList weights, at::TensorList indices, at::
       const int64_t lo = std::max(b, offsets[i]) - offsets[i];
       const int64_t hi = std::min(e, offsets[i + 1]) - offsets[i];
       if (lo < hi) {
-        adamw_range(weights[i], indices[i], bases[i], deltas[i], grads[i], exp_avgs[i], exp_avg_sqs[i], lo, hi,
+        adamw_range(weights[i], index_c[i], base_c[i], deltas[i], grads[i], exp_avgs[i], exp_avg_sqs[i], lo, hi,
                     scalars[i]);
       }
     }
@@ -203,25 +214,36 @@ void merge_entries(w_t* weight, const index_t* idx, const w_t* base, const d_t* 
   });
 }
 
-void scatter_merge_cpu(const at::Tensor& weight,  // any shape, contiguous
-                       const at::Tensor& index,   // [k] int32/int64 into weight.view(-1)
-                       const at::Tensor& base,    // [k] weight dtype
-                       const at::Tensor& delta,   // [k] fp32 or fp64
-                       double alpha) {
-  constexpr const char* op = "scatter_merge_";
-  check_weight_side(op, weight, index, base);
+// scatter_merge_ (delta defined) and restore_ (delta undefined): the checks, then one parallel
+// pass that writes weight[index[j]] (base + alpha * delta, or base exactly).
+void write_entries(const char* op, const at::Tensor& weight, const at::Tensor& index_in, const at::Tensor& base_in,
+                   const at::Tensor& delta, double alpha) {
+  check::weight_side(op, weight, index_in, base_in);
+  std::vector<check::Arg> args = {{"weight", &weight, true}, {"index", &index_in, false}, {"base", &base_in, false}};
+  if (delta.defined()) {
+    check::compact(op, "delta", delta, index_in, check::Dtypes::kFp32OrFp64);
+    check::same_device(op, {{"weight", &weight}, {"index", &index_in}, {"base", &base_in}, {"delta", &delta}});
+    args.push_back({"delta", &delta, false});
+  } else {
+    check::same_device(op, {{"weight", &weight}, {"index", &index_in}, {"base", &base_in}});
+  }
+  check::no_overlap(op, args);
+  if (delta.defined()) check::finite(op, "alpha", alpha);
+  const at::Tensor index = check_index(op, index_in, weight.numel());
+  const at::Tensor base = base_in.contiguous();
+  check::record(op, 1);
   const int64_t k = index.numel();
-  TORCH_CHECK(delta.scalar_type() == at::kFloat || delta.scalar_type() == at::kDouble,
-              op_name(op), ": delta has dtype ", delta.scalar_type(), "; expected Float or Double");
-  check_compact(op, "delta", delta, k, delta.scalar_type());
-  check_index(op, index, weight.numel());
   if (k == 0) return;
-  AT_DISPATCH_INDEX_TYPES(index.scalar_type(), op, [&] {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), op, [&] {
+  AT_DISPATCH_INDEX_TYPES(index.scalar_type(), "sara_kernels_write_entries", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "sara_kernels_write_entries", [&] {
       scalar_t* w = weight.data_ptr<scalar_t>();
       const index_t* idx = index.const_data_ptr<index_t>();
       const scalar_t* bp = base.const_data_ptr<scalar_t>();
-      if (delta.scalar_type() == at::kFloat) {
+      if (!delta.defined()) {
+        at::parallel_for(0, k, kElementwiseGrain, [&](int64_t b, int64_t e) {
+          for (int64_t j = b; j < e; ++j) w[static_cast<int64_t>(idx[j])] = bp[j];
+        });
+      } else if (delta.scalar_type() == at::kFloat) {
         merge_entries<scalar_t, float, index_t>(w, idx, bp, delta.const_data_ptr<float>(), k, alpha);
       } else {
         merge_entries<scalar_t, double, index_t>(w, idx, bp, delta.const_data_ptr<double>(), k, alpha);
@@ -230,30 +252,19 @@ void scatter_merge_cpu(const at::Tensor& weight,  // any shape, contiguous
   });
 }
 
-void restore_cpu(const at::Tensor& weight,  // any shape, contiguous
-                 const at::Tensor& index,   // [k] int32/int64 into weight.view(-1)
-                 const at::Tensor& base) {  // [k] weight dtype
-  constexpr const char* op = "restore_";
-  check_weight_side(op, weight, index, base);
-  check_index(op, index, weight.numel());
-  const int64_t k = index.numel();
-  if (k == 0) return;
-  AT_DISPATCH_INDEX_TYPES(index.scalar_type(), op, [&] {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), op, [&] {
-      scalar_t* w = weight.data_ptr<scalar_t>();
-      const index_t* idx = index.const_data_ptr<index_t>();
-      const scalar_t* bp = base.const_data_ptr<scalar_t>();
-      at::parallel_for(0, k, kElementwiseGrain, [&](int64_t b, int64_t e) {
-        for (int64_t j = b; j < e; ++j) w[static_cast<int64_t>(idx[j])] = bp[j];
-      });
-    });
-  });
+void scatter_merge_cpu(const at::Tensor& weight, const at::Tensor& index, const at::Tensor& base,
+                       const at::Tensor& delta, double alpha) {
+  write_entries("scatter_merge_", weight, index, base, delta, alpha);
+}
+
+void restore_cpu(const at::Tensor& weight, const at::Tensor& index, const at::Tensor& base) {
+  write_entries("restore_", weight, index, base, at::Tensor(), 1.0);
 }
 
 }  // namespace
 }  // namespace sara_kernels_cpu
 
-TORCH_LIBRARY_IMPL(sara_kernels_C, CPU, m) {
+TORCH_LIBRARY_IMPL(sara_kernels, CPU, m) {
   m.impl("sparse_adamw_", &sara_kernels_cpu::sparse_adamw_cpu);
   m.impl("sparse_adamw_multi_", &sara_kernels_cpu::sparse_adamw_multi_cpu);
   m.impl("scatter_merge_", &sara_kernels_cpu::scatter_merge_cpu);

@@ -27,7 +27,6 @@
 //   crossover measured with benchmarks/bench_cpu_kernels.py (kGemmDensity below), direct for
 //   depthwise-like layers (kGemmMinCols).
 #include "common.h"
-#include "variant_log.h"
 
 #include <vector>
 
@@ -226,41 +225,21 @@ void grad_gemm(const at::Tensor& grad_out,  // [N, O, P, Q]
   }
 }
 
-at::Tensor sampled_weight_grad_conv2d_cpu(const at::Tensor& grad_out,  // [N, O, P, Q]
-                                          const at::Tensor& x,         // [N, C, H, W]
-                                          const at::Tensor& index,     // [k] into [O, C/g, kh, kw]
-                                          at::IntArrayRef weight_shape,  // [O, C/g, kh, kw]
-                                          at::IntArrayRef stride,        // [2]
-                                          at::IntArrayRef padding,       // [2]
-                                          at::IntArrayRef dilation,      // [2]
-                                          int64_t groups, int64_t variant) {
-  // The ATen ops inside (GEMMs, cuDNN/oneDNN weight gradients) run below autograd: inputs that
-  // require grad must neither fail (mm's out= variant refuses them) nor give an output that does.
+at::Tensor sampled_weight_grad_conv2d_cpu(const at::Tensor& grad_out_in,  // [N, O, P, Q]
+                                          const at::Tensor& x_in,         // [N, C, H, W]
+                                          const at::Tensor& index_in,     // [k] into [O, C/g, kh, kw]
+                                          at::IntArrayRef weight_shape,   // [O, C/g, kh, kw]
+                                          at::IntArrayRef stride,         // [2]
+                                          at::IntArrayRef padding,        // [2]
+                                          at::IntArrayRef dilation,       // [2]
+                                          int64_t groups) {
+  // The ATen ops inside (GEMMs, oneDNN weight gradients) run below autograd: inputs that require
+  // grad must neither fail (mm's out= variant refuses them) nor give an output that does.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  check_float_tensor(kOp, "grad_out", grad_out);
-  check_float_tensor(kOp, "x", x);
-  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), op_name(kOp), ": grad_out has dtype ",
-              grad_out.scalar_type(), " but x has dtype ", x.scalar_type(), "; they must match");
-  check_dim(kOp, "grad_out", grad_out, 4);
-  check_dim(kOp, "x", x, 4);
-  TORCH_CHECK(weight_shape.size() == 4, op_name(kOp), ": weight_shape must have 4 entries [O, C/groups, kh, kw], got ",
-              shape(weight_shape));
-  for (auto s : weight_shape) {
-    TORCH_CHECK(s > 0, op_name(kOp), ": weight_shape must be positive, got ", shape(weight_shape));
-  }
-  TORCH_CHECK(stride.size() == 2 && stride[0] > 0 && stride[1] > 0, op_name(kOp),
-              ": stride must be 2 positive ints, got ", shape(stride));
-  TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0, op_name(kOp),
-              ": padding must be 2 non-negative ints, got ", shape(padding));
-  TORCH_CHECK(dilation.size() == 2 && dilation[0] > 0 && dilation[1] > 0, op_name(kOp),
-              ": dilation must be 2 positive ints, got ", shape(dilation));
-  TORCH_CHECK(groups > 0 && weight_shape[0] % groups == 0, op_name(kOp), ": groups=", num(groups),
-              " must be positive and divide the ", num(weight_shape[0]), " output channels");
-  TORCH_CHECK(x.size(1) == weight_shape[1] * groups, op_name(kOp), ": x has ", num(x.size(1)),
-              " channels but weight_shape ", shape(weight_shape), " with groups=", num(groups), " expects ",
-              num(weight_shape[1] * groups));
-  TORCH_CHECK(variant >= 0 && variant <= 2, op_name(kOp), ": variant=", num(variant),
-              " must be 0 (auto), 1 (direct) or 2 (gemm) (3, tiled, is a CUDA linear kernel)");
+  sara_kernels_check::conv2d_grad(kOp, grad_out_in, x_in, index_in, weight_shape, stride, padding, dilation, groups);
+  const int64_t variant = sara_kernels_check::settings().grad_variant.load(std::memory_order_relaxed);
+  TORCH_CHECK_VALUE(variant != 3, prefix(kOp), "the 'tiled' variant is a CUDA linear kernel; use auto, direct or gemm");
+  const at::Tensor grad_out = grad_out_in.contiguous(), x = x_in.contiguous();
   Geometry g{};
   g.N = x.size(0), g.C = x.size(1), g.H = x.size(2), g.W = x.size(3);
   g.O = weight_shape[0], g.Cg = weight_shape[1], g.kh = weight_shape[2], g.kw = weight_shape[3];
@@ -268,19 +247,12 @@ at::Tensor sampled_weight_grad_conv2d_cpu(const at::Tensor& grad_out,  // [N, O,
   g.d0 = dilation[0], g.d1 = dilation[1], g.groups = groups, g.Og = g.O / groups;
   const int64_t span_h = g.H + 2 * g.p0 - g.d0 * (g.kh - 1) - 1;
   const int64_t span_w = g.W + 2 * g.p1 - g.d1 * (g.kw - 1) - 1;
-  TORCH_CHECK(span_h >= 0 && span_w >= 0, op_name(kOp), ": the kernel ", shape(weight_shape.slice(2)),
-              " (dilation ", shape(dilation), ") is larger than the padded input ", shape(x.sizes().slice(2)),
-              " (padding ", shape(padding), ")");
   g.P = span_h / g.s0 + 1, g.Q = span_w / g.s1 + 1;
-  TORCH_CHECK(grad_out.size(0) == g.N && grad_out.size(1) == g.O && grad_out.size(2) == g.P &&
-                  grad_out.size(3) == g.Q,
-              op_name(kOp), ": grad_out has shape ", shape(grad_out.sizes()), " but the convolution of x ",
-              shape(x.sizes()), " with weight_shape ", shape(weight_shape), " gives ",
-              shape({g.N, g.O, g.P, g.Q}));
   int64_t numel = checked_mul(kOp, "weight_shape numel", g.O, g.Cg);
   numel = checked_mul(kOp, "weight_shape numel", numel, g.kh * g.kw);
-  check_index(kOp, index, numel);
+  const at::Tensor index = check_index(kOp, index_in, numel);
 
+  sara_kernels_check::record("sampled_weight_grad_conv2d", 1);  // the variant, once it is chosen
   const int64_t k = index.numel();
   // Both variants write every entry, so no zero fill unless there is nothing to sum.
   at::Tensor result = at::empty({k}, x.options().dtype(accumulate_dtype(x.scalar_type())));
@@ -295,7 +267,7 @@ at::Tensor sampled_weight_grad_conv2d_cpu(const at::Tensor& grad_out,  // [N, O,
       const double density = static_cast<double>(k) / static_cast<double>(channels * Kc);
       v = (density >= kGemmDensity && Kc >= kGemmMinCols) ? 2 : 1;
     }
-    sara_kernels_log::record_grad_variant(sara_kernels_log::kConv2d, v);
+    sara_kernels_check::record("sampled_weight_grad_conv2d", 1, v);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), kOp, [&] {
       if (v == 1) {
         grad_direct<scalar_t, index_t>(grad_out, x, idx, k, g, result);
@@ -310,6 +282,6 @@ at::Tensor sampled_weight_grad_conv2d_cpu(const at::Tensor& grad_out,  // [N, O,
 }  // namespace
 }  // namespace sara_kernels_cpu
 
-TORCH_LIBRARY_IMPL(sara_kernels_C, CPU, m) {
+TORCH_LIBRARY_IMPL(sara_kernels, CPU, m) {
   m.impl("sampled_weight_grad_conv2d", &sara_kernels_cpu::sampled_weight_grad_conv2d_cpu);
 }

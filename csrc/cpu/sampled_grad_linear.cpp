@@ -19,7 +19,6 @@
 // auto (0): gemm when the density of the selected entries over the row span they cover exceeds a
 //   crossover measured with benchmarks/bench_cpu_kernels.py (see kGemmDensity below).
 #include "common.h"
-#include "variant_log.h"
 
 #include <vector>
 
@@ -166,33 +165,27 @@ void grad_gemm(const at::Tensor& grad_out,  // [N, out]
   }
 }
 
-at::Tensor sampled_weight_grad_linear_cpu(const at::Tensor& grad_out,  // [N, out]
-                                          const at::Tensor& x,         // [N, in]
-                                          const at::Tensor& index,     // [k] int32/int64
-                                          int64_t out_features, int64_t in_features,
-                                          int64_t variant) {
-  // The ATen ops inside (GEMMs, cuDNN/oneDNN weight gradients) run below autograd: inputs that
-  // require grad must neither fail (mm's out= variant refuses them) nor give an output that does.
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  check_float_tensor(kOp, "grad_out", grad_out);
-  check_float_tensor(kOp, "x", x);
-  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), op_name(kOp), ": grad_out has dtype ",
-              grad_out.scalar_type(), " but x has dtype ", x.scalar_type(), "; they must match");
-  check_dim(kOp, "grad_out", grad_out, 2);
-  check_dim(kOp, "x", x, 2);
-  TORCH_CHECK(out_features > 0 && in_features > 0, op_name(kOp), ": out_features=", num(out_features),
-              " and in_features=", num(in_features), " must be positive");
-  TORCH_CHECK(grad_out.size(1) == out_features, op_name(kOp), ": grad_out has shape ",
-              shape(grad_out.sizes()), " but out_features=", num(out_features));
-  TORCH_CHECK(x.size(1) == in_features, op_name(kOp), ": x has shape ", shape(x.sizes()),
-              " but in_features=", num(in_features));
-  TORCH_CHECK(grad_out.size(0) == x.size(0), op_name(kOp), ": grad_out ", shape(grad_out.sizes()),
-              " and x ", shape(x.sizes()), " must have the same number of tokens (dim 0)");
-  TORCH_CHECK(variant >= 0 && variant <= 2, op_name(kOp), ": variant=", num(variant),
-              " must be 0 (auto), 1 (direct) or 2 (gemm) (3, tiled, is a CUDA linear kernel)");
-  const int64_t numel = checked_mul(kOp, "out_features * in_features", out_features, in_features);
-  check_index(kOp, index, numel);
+// The variant the setting forces (0: auto); tiled (3) exists only on CUDA.
+int64_t forced_variant(const char* op) {
+  const int64_t v = sara_kernels_check::settings().grad_variant.load(std::memory_order_relaxed);
+  TORCH_CHECK_VALUE(v != 3, prefix(op), "the 'tiled' variant is a CUDA linear kernel; use auto, direct or gemm");
+  return v;
+}
 
+at::Tensor sampled_weight_grad_linear_cpu(const at::Tensor& grad_out_in,  // [..., out]
+                                          const at::Tensor& x_in,         // [..., in]
+                                          const at::Tensor& index_in,     // [k] int32/int64
+                                          int64_t out_features, int64_t in_features) {
+  // The ATen ops inside (GEMMs) run below autograd: inputs that require grad must neither fail
+  // (mm's out= variant refuses them) nor give an output that does.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  sara_kernels_check::linear_grad(kOp, grad_out_in, x_in, index_in, out_features, in_features);
+  const int64_t variant = forced_variant(kOp);
+  const at::Tensor index = check_index(kOp, index_in, out_features * in_features);
+  const at::Tensor grad_out = grad_out_in.reshape({-1, out_features}).contiguous();
+  const at::Tensor x = x_in.reshape({-1, in_features}).contiguous();
+
+  sara_kernels_check::record("sampled_weight_grad_linear", 1);  // the variant, once it is chosen
   const int64_t k = index.numel();
   // Both variants write every entry, so no zero fill unless there is nothing to sum.
   at::Tensor result = at::empty({k}, x.options().dtype(accumulate_dtype(x.scalar_type())));
@@ -208,7 +201,7 @@ at::Tensor sampled_weight_grad_linear_cpu(const at::Tensor& grad_out,  // [N, ou
       const double density = static_cast<double>(k) / static_cast<double>(rows * in_features);
       v = density >= kGemmDensity ? 2 : 1;
     }
-    sara_kernels_log::record_grad_variant(sara_kernels_log::kLinear, v);
+    sara_kernels_check::record("sampled_weight_grad_linear", 1, v);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), kOp, [&] {
       if (v == 1) {
         grad_direct<scalar_t, index_t>(grad_out, x, idx, k, out_features, in_features, result);
@@ -223,6 +216,6 @@ at::Tensor sampled_weight_grad_linear_cpu(const at::Tensor& grad_out,  // [N, ou
 }  // namespace
 }  // namespace sara_kernels_cpu
 
-TORCH_LIBRARY_IMPL(sara_kernels_C, CPU, m) {
+TORCH_LIBRARY_IMPL(sara_kernels, CPU, m) {
   m.impl("sampled_weight_grad_linear", &sara_kernels_cpu::sampled_weight_grad_linear_cpu);
 }

@@ -139,19 +139,19 @@ at::Tensor select_k(const at::Tensor& weight, int64_t k, at::ScalarType out_dtyp
       });
 }
 
-at::Tensor select_small_magnitude_cpu(const at::Tensor& weight,  // any shape
+at::Tensor select_small_magnitude_cpu(const at::Tensor& weight_in,  // any shape
                                       std::optional<double> threshold, std::optional<int64_t> k) {
-  check_float_tensor(kOp, "weight", weight);
-  TORCH_CHECK(threshold.has_value() != k.has_value(), op_name(kOp),
-              ": give exactly one of threshold or k");
-  const int64_t n = weight.numel();
+  sara_kernels_check::tensor(kOp, "weight", weight_in, sara_kernels_check::Dtypes::kFloating);
+  TORCH_CHECK_VALUE(threshold.has_value() != k.has_value(), prefix(kOp), "give exactly one of threshold or k");
+  const int64_t n = weight_in.numel();
   if (threshold.has_value()) {
-    TORCH_CHECK(*threshold > 0, op_name(kOp), ": threshold must be a positive number, got ",
-                num(*threshold));
+    TORCH_CHECK_VALUE(*threshold > 0, prefix(kOp),
+                      "threshold must be a positive number, got ", sara_kernels_check::pyfloat(*threshold));
   } else {
-    TORCH_CHECK(*k >= 0 && *k <= n, op_name(kOp), ": k=", num(*k), " must lie in [0, ", num(n),
-                "] (the weight's entry count)");
+    TORCH_CHECK_VALUE(*k >= 0 && *k <= n, prefix(kOp), "k=", num(*k), " must lie in [0, ", num(n),
+                      "] (the weight's entry count)");
   }
+  const at::Tensor weight = weight_in.contiguous();
   // int32 indices unless the weight has 2^31 entries or more (reference.index_dtype_for).
   const bool wide = n >= (int64_t{1} << 31);
   const at::ScalarType out_dtype = wide ? at::kLong : at::kInt;
@@ -165,12 +165,13 @@ at::Tensor select_small_magnitude_cpu(const at::Tensor& weight,  // any shape
                  : select_k<scalar_t, int32_t>(weight, *k, out_dtype);
     }
   });
+  sara_kernels_check::record("select_small_magnitude", 1);
   return out;
 }
 
 }  // namespace
 }  // namespace sara_kernels_cpu
 
-TORCH_LIBRARY_IMPL(sara_kernels_C, CPU, m) {
+TORCH_LIBRARY_IMPL(sara_kernels, CPU, m) {
   m.impl("select_small_magnitude", &sara_kernels_cpu::select_small_magnitude_cpu);
 }

@@ -15,6 +15,7 @@
 #include <c10/util/Exception.h>
 #include <cuda_runtime.h>
 
+#include "checks.h"
 #include "message.h"
 #include <torch/version.h>
 
@@ -43,18 +44,12 @@ constexpr int64_t kMaxBlocks = 65535LL * 16;
 // one token/sample, one input channel) alone exceeds it.
 constexpr int64_t kWorkspaceBytes = 64LL << 20;
 
-// kWorkspaceBytes, or SARA_KERNELS_CUDA_WORKSPACE_BYTES when set (the tests shrink it to reach the
-// chunked paths of the gemm variants on small shapes).
+// The bound in force (the tests shrink it to reach the chunked paths of the gemm variants on small
+// shapes): kWorkspaceBytes unless the workspace_bytes setting (> 0) overrides it.
 inline int64_t workspace_bytes() {
-  const char* env = std::getenv("SARA_KERNELS_CUDA_WORKSPACE_BYTES");
-  if (env == nullptr || env[0] == '\0') return kWorkspaceBytes;
-  char* end = nullptr;
-  const long long value = std::strtoll(env, &end, 10);
-  TORCH_CHECK_VALUE(end != env && *end == '\0' && value > 0, "environment variable SARA_KERNELS_CUDA_WORKSPACE_BYTES=",
-                    env, " must be a positive integer (bytes)");
-  return static_cast<int64_t>(value);
+  const int64_t v = sara_kernels_check::settings().workspace_bytes.load(std::memory_order_relaxed);
+  return v > 0 ? v : kWorkspaceBytes;
 }
-
 // fp16/bf16 GEMMs with an fp32 result (aten::mm.dtype_out: tensor cores, fp32 accumulation, no
 // converted copies of the inputs), where this PyTorch has them.
 constexpr bool kHasMmOutDtype = SARA_KERNELS_HAS_MM_OUT_DTYPE != 0;
@@ -98,75 +93,18 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
-// ---------------------------------------------------------------------------------------------
-// Host-side input checks. Every message starts with "sara_kernels_C.<op>: <argument>".
-// ---------------------------------------------------------------------------------------------
-inline void check_cuda(const char* op, const char* name, const at::Tensor& t, const at::Device& device) {
-  TORCH_CHECK(t.defined(), "sara_kernels_C.", op, ": ", name, " is an undefined tensor");
-  TORCH_CHECK(t.is_cuda(), "sara_kernels_C.", op, ": ", name, " must be a CUDA tensor, got device ",
-              t.device());
-  TORCH_CHECK(t.device() == device, "sara_kernels_C.", op, ": ", name, " is on ", t.device(),
-              " but the other tensors are on ", device, "; all tensors must be on one device");
+// Host-side input checks: the argument checks are csrc/checks.h (shared with the CPU kernels); the
+// kernels here add that their tensors are CUDA tensors.
+inline void check_cuda(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.is_cuda(), sara_kernels_check::prefix(op), name, " must be a CUDA tensor, got device ", t.device().str());
 }
 
-inline void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim) {
-  TORCH_CHECK_VALUE(t.dim() == dim, "sara_kernels_C.", op, ": ", name, " must be ", num(dim), "-D, got shape ",
-                    shape(t.sizes()));
-}
+// The index's values (range, strictly increasing) per the index_checks setting.
+void validate_index(const char* op, const at::Tensor& index, int64_t numel, const std::string& name = "index");
 
-inline void check_contiguous(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK_VALUE(t.is_contiguous(), "sara_kernels_C.", op, ": ", name, " must be contiguous, got strides ",
-                    shape(t.strides()), " for shape ", shape(t.sizes()));
-}
-
-inline bool is_float_dtype(at::ScalarType s) {
-  return s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16;
-}
-
-inline void check_float_dtype(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK_TYPE(is_float_dtype(t.scalar_type()), "sara_kernels_C.", op, ": ", name, " has dtype ",
-                   t.scalar_type(), "; expected one of Float, Half, BFloat16, Double");
-}
-
-inline void check_dtype(const char* op, const char* name, const at::Tensor& t, at::ScalarType expected) {
-  TORCH_CHECK_TYPE(t.scalar_type() == expected, "sara_kernels_C.", op, ": ", name, " has dtype ",
-                   t.scalar_type(), "; expected ", expected);
-}
-
-inline void check_size(const char* op, const char* name, const at::Tensor& t, int64_t k) {
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == k, "sara_kernels_C.", op, ": ", name, " has shape ",
-                    shape(t.sizes()), " but index has [", num(k), "]");
-}
-
-// index: 1-D int32/int64 on `device`; returns it contiguous. numel: the entries it addresses.
-inline at::Tensor checked_index(const char* op, const at::Tensor& index, const at::Device& device, int64_t numel) {
-  check_cuda(op, "index", index, device);
-  TORCH_CHECK_TYPE(index.scalar_type() == at::kInt || index.scalar_type() == at::kLong, "sara_kernels_C.", op,
-                   ": index has dtype ", index.scalar_type(), "; expected Int or Long");
-  check_dim(op, "index", index, 1);
-  TORCH_CHECK_TYPE(index.scalar_type() == at::kLong || numel <= INT32_MAX, "sara_kernels_C.", op,
-                   ": index is int32 but the weight has ", num(numel), " entries (>= 2**31); use int64 indices");
-  return index.contiguous();
-}
-
-// Index validation (range [0, numel) and strictly increasing order), defined in index_check.cu.
-//
-// Choice: every kernel skips an out-of-range index itself (never reads or writes through it), and
-// this host-side validation is ASYNCHRONOUS by default: one small kernel over the k indices that
-// fires a device-side assertion (like PyTorch's own index kernels / at::_assert_async) when an
-// index is out of range or the order is broken. It costs no host sync, so it is safe inside
-// CUDA graphs and does not stall the backward pass; the readable, catchable error comes from the
-// Python layer (sara_kernels._checks.check_index, one sync, can be switched off), which runs
-// before every native call. SARA_KERNELS_CUDA_INDEX_CHECK selects the mode per call:
-//   "async" (default): the device assertion above;
-//   "sync":  a flag reduction + one .item() that raises IndexError / ValueError naming the op
-//            and the argument (skipped while the current stream is capturing a CUDA graph);
-//   "0" / "off": no validation (kernels still skip out-of-range indices).
-void validate_index(const char* op, const at::Tensor& index, int64_t numel);
-
-// The mode SARA_KERNELS_CUDA_INDEX_CHECK selects (see validate_index). Kernels that fold the
-// check into their own pass (sparse_adamw_multi_) read it here.
-enum class IndexCheckMode { kOff, kAsync, kSync };
-IndexCheckMode index_check_mode();
+// Kernels that fold the check into their own pass (sparse_adamw_multi_) read the mode here.
+// The index_checks setting: 0 off, 1 async (device-side assertion, no sync), 2 sync (raises).
+enum class IndexCheckMode { kOff = 0, kAsync = 1, kSync = 2 };
+inline IndexCheckMode index_check_mode() { return static_cast<IndexCheckMode>(sara_kernels_check::index_checks()); }
 
 }  // namespace sara_kernels_cuda

@@ -1,10 +1,9 @@
 // Validation of a flat index vector on the device (see the comment on validate_index in common.cuh).
 #include "common.cuh"
 
+#include <ATen/ops/aminmax.h>
 #include <ATen/ops/zeros.h>
 
-#include <cstdlib>
-#include <cstring>
 
 namespace sara_kernels_cuda {
 namespace {
@@ -36,28 +35,12 @@ __global__ void validate_index_kernel(const index_t* __restrict__ index, int64_t
 
 using Mode = IndexCheckMode;
 
-Mode mode_from_env() {
-  const char* env = std::getenv("SARA_KERNELS_CUDA_INDEX_CHECK");
-  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "async") == 0 || std::strcmp(env, "1") == 0) {
-    return Mode::kAsync;
-  }
-  if (std::strcmp(env, "sync") == 0) return Mode::kSync;
-  if (std::strcmp(env, "0") == 0 || std::strcmp(env, "off") == 0 || std::strcmp(env, "false") == 0) {
-    return Mode::kOff;
-  }
-  TORCH_CHECK_VALUE(false, "environment variable SARA_KERNELS_CUDA_INDEX_CHECK=", env,
-                    "; expected async, sync or off");
-  return Mode::kAsync;
-}
-
 }  // namespace
 
-IndexCheckMode index_check_mode() { return mode_from_env(); }
-
-void validate_index(const char* op, const at::Tensor& index, int64_t numel) {
+void validate_index(const char* op, const at::Tensor& index, int64_t numel, const std::string& name) {
   const int64_t k = index.numel();
   if (k == 0) return;
-  const Mode mode = mode_from_env();
+  const Mode mode = index_check_mode();
   if (mode == Mode::kOff) return;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(index.get_device()).stream();
   if (mode == Mode::kSync) {
@@ -78,10 +61,11 @@ void validate_index(const char* op, const at::Tensor& index, int64_t numel) {
   });
   if (mode == Mode::kSync) {
     const int bad = static_cast<int>(flag.item().toInt());
-    TORCH_CHECK_INDEX((bad & kOutOfRange) == 0, "sara_kernels_C.", op,
-                      ": index holds values outside [0, ", num(numel), ") (the weight has ", num(numel), " entries)");
-    TORCH_CHECK_VALUE((bad & kNotIncreasing) == 0, "sara_kernels_C.", op,
-                      ": index must be sorted in strictly increasing order (no duplicates)");
+    if ((bad & kOutOfRange) != 0) {
+      const auto [lo, hi] = at::aminmax(index);
+      sara_kernels_check::index_range_error(op, name, lo.item().toLong(), hi.item().toLong(), numel);
+    }
+    if ((bad & kNotIncreasing) != 0) sara_kernels_check::index_order_error(op, name);
   }
 }
 

@@ -4,7 +4,6 @@
 // lies outside [0, weight.numel()) never touches the weight (sparse_adamw_ still updates its
 // compact state, which is not indexed).
 #include "common.cuh"
-#include "adamw_multi.h"
 
 #include <torch/library.h>
 
@@ -17,9 +16,8 @@
 
 namespace sara_kernels_cuda {
 
-using sara_kernels_msg::AdamNames;
-using sara_kernels_msg::check_multi_lengths;
-using sara_kernels_msg::check_multi_no_aliasing;
+using sara_kernels_check::AdamNames;
+namespace check = sara_kernels_check;
 namespace {
 
 // ---------------------------------------------------------------------------------------------
@@ -212,42 +210,34 @@ struct AdamSet {
   at::Tensor weight, index, base, delta, grad, exp_avg, exp_avg_sq;
 };
 
-AdamSet checked_adam_set(const char* op, const AdamNames& n, const at::Device& device, const at::Tensor& weight,
-                         const at::Tensor& index_in, const at::Tensor& base_in, const at::Tensor& delta,
-                         const at::Tensor& grad_in, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq) {
-  check_cuda(op, n.weight.c_str(), weight, device);
-  TORCH_CHECK_TYPE(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kHalf ||
-                       weight.scalar_type() == at::kBFloat16,
-                   "sara_kernels_C.", op, ": ", n.weight, " has dtype ", weight.scalar_type(),
-                   "; expected one of Float, Half, BFloat16");
-  check_contiguous(op, n.weight.c_str(), weight);
-  const int64_t numel = weight.numel();
-  check_cuda(op, n.index.c_str(), index_in, device);
-  TORCH_CHECK_TYPE(index_in.scalar_type() == at::kInt || index_in.scalar_type() == at::kLong, "sara_kernels_C.", op,
-                   ": ", n.index, " has dtype ", index_in.scalar_type(), "; expected Int or Long");
-  check_dim(op, n.index.c_str(), index_in, 1);
-  TORCH_CHECK_TYPE(index_in.scalar_type() == at::kLong || numel <= INT32_MAX, "sara_kernels_C.", op, ": ", n.index,
-                   " is int32 but the weight has ", num(numel), " entries (>= 2**31); use int64 indices");
-  const int64_t k = index_in.numel();
-  check_cuda(op, n.base.c_str(), base_in, device);
-  check_dtype(op, n.base.c_str(), base_in, weight.scalar_type());
-  check_size(op, n.base.c_str(), base_in, k);
-  const std::pair<const std::string*, const at::Tensor*> compact[] = {
-      {&n.delta, &delta}, {&n.grad, &grad_in}, {&n.exp_avg, &exp_avg}, {&n.exp_avg_sq, &exp_avg_sq}};
-  for (const auto& [name, t] : compact) {
-    check_cuda(op, name->c_str(), *t, device);
-    check_dtype(op, name->c_str(), *t, at::kFloat);
-    check_size(op, name->c_str(), *t, k);
-  }
-  check_contiguous(op, n.delta.c_str(), delta);
-  check_contiguous(op, n.exp_avg.c_str(), exp_avg);
-  check_contiguous(op, n.exp_avg_sq.c_str(), exp_avg_sq);
-  return {weight, index_in.contiguous(), base_in.contiguous(), delta, grad_in.contiguous(), exp_avg, exp_avg_sq};
+AdamSet checked_adam_set(const char* op, const AdamNames& n, const at::Tensor& weight, const at::Tensor& index,
+                         const at::Tensor& base, const at::Tensor& delta, const at::Tensor& grad,
+                         const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq) {
+  check::adamw_set(op, n, weight, index, base, delta, grad, exp_avg, exp_avg_sq);
+  check_cuda(op, n.weight.c_str(), weight);
+  return {weight, index.contiguous(), base.contiguous(), delta, grad, exp_avg, exp_avg_sq};
 }
 
-void check_adam_hyper(const char* op, double beta1, double beta2) {
-  TORCH_CHECK_VALUE(beta1 >= 0.0 && beta1 < 1.0 && beta2 >= 0.0 && beta2 < 1.0, "sara_kernels_C.", op,
-                    ": betas must lie in [0, 1), got (", num(beta1), ", ", num(beta2), ")");
+// The written (weight, delta, moments) and read (index, base, grad) tensors of AdamW sets, for
+// check::no_overlap: written ones first, in argument order.
+void check_no_overlap(const char* op, const std::vector<AdamSet>& sets, const std::vector<const AdamNames*>& names) {
+  std::vector<check::Arg> args;
+  for (size_t i = 0; i < sets.size(); ++i) {
+    const AdamSet& t = sets[i];
+    const AdamNames& n = *names[i];
+    args.push_back({n.weight, &t.weight, true});
+    args.push_back({n.delta, &t.delta, true});
+    args.push_back({n.exp_avg, &t.exp_avg, true});
+    args.push_back({n.exp_avg_sq, &t.exp_avg_sq, true});
+  }
+  for (size_t i = 0; i < sets.size(); ++i) {
+    const AdamSet& t = sets[i];
+    const AdamNames& n = *names[i];
+    args.push_back({n.index, &t.index, false});
+    args.push_back({n.base, &t.base, false});
+    args.push_back({n.grad, &t.grad, false});
+  }
+  check::no_overlap(op, args);
 }
 
 // Python-float arithmetic (double) as in torch.optim / sara_kernels.reference, then the fp32
@@ -276,12 +266,13 @@ void sparse_adamw_cuda(const at::Tensor& weight, const at::Tensor& index_in, con
                        const at::Tensor& exp_avg_sq, double step, double lr, double beta1, double beta2, double eps,
                        double weight_decay, bool maximize) {
   const char* op = "sparse_adamw_";
-  check_cuda(op, "weight", weight, weight.device());
+  static const AdamNames names{};
+  const AdamSet set = checked_adam_set(op, names, weight, index_in, base_in, delta, grad_in, exp_avg, exp_avg_sq);
+  check_no_overlap(op, {set}, {&names});
+  check::step(op, "step", step);
+  check::adamw_hyper(op, lr, beta1, beta2, eps, weight_decay);
+  check::record("sparse_adamw_", 2);
   const c10::cuda::CUDAGuard guard(weight.device());
-  const AdamSet set =
-      checked_adam_set(op, AdamNames{}, weight.device(), weight, index_in, base_in, delta, grad_in, exp_avg, exp_avg_sq);
-  TORCH_CHECK_VALUE(step >= 1.0, "sara_kernels_C.", op, ": step must be >= 1, got ", num(step));
-  check_adam_hyper(op, beta1, beta2);
   const int64_t k = set.index.numel();
   if (k == 0) return;
   const at::Tensor& index = set.index;
@@ -329,7 +320,7 @@ void launch_multi(const std::vector<AdamSet>& sets, const std::vector<AdamScalar
       const int64_t k = set.index.numel();
       const int64_t need = ceil_div(k, kEntriesPerBlock);
       if (count > 0 && blocks + need > INT32_MAX) break;  // the grid's x dimension
-      TORCH_CHECK(need <= INT32_MAX, "sara_kernels_C.sparse_adamw_multi_: a set of ", num(k),
+      TORCH_CHECK(need <= INT32_MAX, "sara_kernels.sparse_adamw_multi_: a set of ", num(k),
                   " entries is too large for one launch");
       args.weight[count] = set.weight.data_ptr();
       args.index[count] = set.index.data_ptr();
@@ -364,27 +355,31 @@ void sparse_adamw_multi_cuda(at::TensorList weights, at::TensorList indices, at:
                              double beta2, double eps, double weight_decay, bool maximize) {
   const char* op = "sparse_adamw_multi_";
   const size_t n = weights.size();
-  check_multi_lengths(op, weights, indices, bases, deltas, grads, exp_avgs, exp_avg_sqs, steps);
-  check_adam_hyper(op, beta1, beta2);
+  check::adamw_lists(op, weights, indices, bases, deltas, grads, exp_avgs, exp_avg_sqs, steps);
+  check::adamw_hyper(op, lr, beta1, beta2, eps, weight_decay);
+  check::record("sparse_adamw_multi_", 2);
   if (n == 0) return;
-  check_cuda(op, "weights[0]", weights[0], weights[0].device());
   const at::Device device = weights[0].device();
-  const c10::cuda::CUDAGuard guard(device);
   std::vector<AdamSet> sets;
   std::vector<AdamScalars> scalars;
+  std::vector<const AdamNames*> names;
   sets.reserve(n);
   scalars.reserve(n);
+  names.reserve(n);
   for (size_t i = 0; i < n; ++i) {
-    sets.push_back(checked_adam_set(op, AdamNames::at(i), device, weights[i], indices[i], bases[i], deltas[i],
-                                    grads[i], exp_avgs[i], exp_avg_sqs[i]));
-    TORCH_CHECK_VALUE(steps[i] >= 1.0, "sara_kernels_C.", op, ": steps[", num(i), "] must be >= 1, got ",
-                      num(steps[i]));
+    names.push_back(&AdamNames::at(i));
+    sets.push_back(checked_adam_set(op, *names[i], weights[i], indices[i], bases[i], deltas[i], grads[i], exp_avgs[i],
+                                    exp_avg_sqs[i]));
+    TORCH_CHECK(weights[i].device() == device, check::prefix(op), names[i]->weight, " is on ",
+                weights[i].device().str(), " but weights[0] is on ", device.str(), "; all tensors must be on one device");
+    check::step(op, "steps[" + std::to_string(i) + "]", steps[i]);
     scalars.push_back(adam_scalars(steps[i], lr, beta1, beta2, eps, weight_decay, maximize));
   }
-  check_multi_no_aliasing(op, weights, deltas, exp_avgs, exp_avg_sqs);
+  check_no_overlap(op, sets, names);
+  const c10::cuda::CUDAGuard guard(device);
   const IndexCheckMode mode = index_check_mode();
   if (mode == IndexCheckMode::kSync) {
-    for (size_t i = 0; i < n; ++i) validate_index(op, sets[i].index, sets[i].weight.numel());
+    for (size_t i = 0; i < n; ++i) validate_index(op, sets[i].index, sets[i].weight.numel(), names[i]->index);
   }
   // Sets grouped by what the kernel is compiled for: weight dtype, index dtype, float4 alignment.
   std::map<std::tuple<int, int, bool>, std::vector<size_t>> groups;
@@ -448,30 +443,21 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// weight, index, base checks shared by scatter_merge_ and restore_; returns the contiguous index.
-at::Tensor check_weight_side(const char* op, const at::Tensor& weight, const at::Tensor& index_in,
-                             const at::Tensor& base) {
-  check_cuda(op, "weight", weight, weight.device());
-  check_float_dtype(op, "weight", weight);
-  check_contiguous(op, "weight", weight);
-  at::Tensor index = checked_index(op, index_in, weight.device(), weight.numel());
-  check_cuda(op, "base", base, weight.device());
-  check_dtype(op, "base", base, weight.scalar_type());
-  check_size(op, "base", base, index.numel());
-  return index;
-}
-
 void scatter_merge_cuda(const at::Tensor& weight, const at::Tensor& index_in, const at::Tensor& base_in,
                         const at::Tensor& delta_in, double alpha) {
   const char* op = "scatter_merge_";
-  check_cuda(op, "weight", weight, weight.device());
+  check::weight_side(op, weight, index_in, base_in);
+  check::compact(op, "delta", delta_in, index_in, check::Dtypes::kFp32OrFp64);
+  check::same_device(op, {{"weight", &weight}, {"index", &index_in}, {"base", &base_in}, {"delta", &delta_in}});
+  check::no_overlap(op, {{"weight", &weight, true}, {"index", &index_in, false}, {"base", &base_in, false},
+                         {"delta", &delta_in, false}});
+  check::finite(op, "alpha", alpha);
+  check::index_meta(op, "index", index_in, weight.numel());
+  check_cuda(op, "weight", weight);
+  check::record("scatter_merge_", 2);
   const c10::cuda::CUDAGuard guard(weight.device());
-  const at::Tensor index = check_weight_side(op, weight, index_in, base_in);
+  const at::Tensor index = index_in.contiguous();
   const int64_t k = index.numel();
-  check_cuda(op, "delta", delta_in, weight.device());
-  TORCH_CHECK_TYPE(delta_in.scalar_type() == at::kFloat || delta_in.scalar_type() == at::kDouble,
-                   "sara_kernels_C.", op, ": delta has dtype ", delta_in.scalar_type(), "; expected Float or Double");
-  check_size(op, "delta", delta_in, k);
   if (k == 0) return;
   const at::Tensor base = base_in.contiguous();
   const at::Tensor delta = delta_in.contiguous();
@@ -502,9 +488,14 @@ void scatter_merge_cuda(const at::Tensor& weight, const at::Tensor& index_in, co
 
 void restore_cuda(const at::Tensor& weight, const at::Tensor& index_in, const at::Tensor& base_in) {
   const char* op = "restore_";
-  check_cuda(op, "weight", weight, weight.device());
+  check::weight_side(op, weight, index_in, base_in);
+  check::same_device(op, {{"weight", &weight}, {"index", &index_in}, {"base", &base_in}});
+  check::no_overlap(op, {{"weight", &weight, true}, {"index", &index_in, false}, {"base", &base_in, false}});
+  check::index_meta(op, "index", index_in, weight.numel());
+  check_cuda(op, "weight", weight);
+  check::record("restore_", 2);
   const c10::cuda::CUDAGuard guard(weight.device());
-  const at::Tensor index = check_weight_side(op, weight, index_in, base_in);
+  const at::Tensor index = index_in.contiguous();
   const int64_t k = index.numel();
   if (k == 0) return;
   const at::Tensor base = base_in.contiguous();
@@ -523,7 +514,7 @@ void restore_cuda(const at::Tensor& weight, const at::Tensor& index_in, const at
 }  // namespace
 }  // namespace sara_kernels_cuda
 
-TORCH_LIBRARY_IMPL(sara_kernels_C, CUDA, m) {
+TORCH_LIBRARY_IMPL(sara_kernels, CUDA, m) {
   m.impl("sparse_adamw_", TORCH_FN(sara_kernels_cuda::sparse_adamw_cuda));
   m.impl("sparse_adamw_multi_", TORCH_FN(sara_kernels_cuda::sparse_adamw_multi_cuda));
   m.impl("scatter_merge_", TORCH_FN(sara_kernels_cuda::scatter_merge_cuda));

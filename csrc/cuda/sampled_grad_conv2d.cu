@@ -19,7 +19,6 @@
 //   the per-sample buffers (columns, x and dy chunks) of a sample chunk <= / 2.
 // variant 0 (auto): direct below the crossover density (k / weight numel; see below), gemm above.
 #include "common.cuh"
-#include "variant_log.h"
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/convolution_backward.h>
@@ -171,7 +170,7 @@ void conv_gemm(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& inde
           const at::Tensor xc = x.narrow(0, n0, b).narrow(1, grp * s.Cg + c0, cc).to(acc).contiguous();
           const at::Tensor cols = at::im2col(xc, {s.KH, s.KW}, {s.dh, s.dw}, {s.ph, s.pw}, {s.sh, s.sw});
           TORCH_CHECK(cols.dim() == 3 && cols.size(0) == b && cols.size(1) == cc * KK && cols.size(2) == L,
-                      "sara_kernels_C.sampled_weight_grad_conv2d: internal error: im2col gave shape ",
+                      "sara_kernels.sampled_weight_grad_conv2d: internal error: im2col gave shape ",
                       shape(cols.sizes()), ", expected ", shape({b, cc * KK, L}));
           const at::Tensor dyc = dy.narrow(0, n0, b).narrow(1, o_begin, r).to(acc);  // [b, r, P, Q]
           for (int64_t i = 0; i < b; ++i) {
@@ -255,60 +254,34 @@ void conv_gemm_lowp(const at::Tensor& dy, const at::Tensor& x, const at::Tensor&
   }
 }
 
-at::Tensor sampled_weight_grad_conv2d_cuda(const at::Tensor& grad_out, const at::Tensor& x,
+at::Tensor sampled_weight_grad_conv2d_cuda(const at::Tensor& grad_out_in, const at::Tensor& x_in,
                                            const at::Tensor& index_in, at::IntArrayRef weight_shape,
                                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                           int64_t groups, int64_t variant) {
-  // The ATen ops inside (GEMMs, cuDNN/oneDNN weight gradients) run below autograd: inputs that
-  // require grad must neither fail (mm's out= variant refuses them) nor give an output that does.
+                                           int64_t groups) {
+  // The ATen ops inside (GEMMs, cuDNN weight gradients) run below autograd: inputs that require
+  // grad must neither fail (mm's out= variant refuses them) nor give an output that does.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const char* op = "sampled_weight_grad_conv2d";
-  check_cuda(op, "grad_out", grad_out, grad_out.device());
-  const c10::cuda::CUDAGuard guard(grad_out.device());
-  check_cuda(op, "x", x, grad_out.device());
-  check_float_dtype(op, "grad_out", grad_out);
-  check_dtype(op, "x", x, grad_out.scalar_type());
-  check_dim(op, "grad_out", grad_out, 4);
-  check_dim(op, "x", x, 4);
-  check_contiguous(op, "grad_out", grad_out);
-  check_contiguous(op, "x", x);
-  TORCH_CHECK_VALUE(weight_shape.size() == 4 && weight_shape[0] > 0 && weight_shape[1] > 0 && weight_shape[2] > 0 &&
-                        weight_shape[3] > 0,
-                    "sara_kernels_C.", op, ": weight_shape must be 4 positive ints [out, in/groups, kh, kw], got ",
-                    shape(weight_shape));
-  TORCH_CHECK_VALUE(stride.size() == 2 && stride[0] > 0 && stride[1] > 0 && stride[0] <= INT32_MAX &&
-                        stride[1] <= INT32_MAX,
-                    "sara_kernels_C.", op, ": stride must be 2 positive ints, got ", shape(stride));
-  TORCH_CHECK_VALUE(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0 && padding[0] <= INT32_MAX &&
-                        padding[1] <= INT32_MAX,
-                    "sara_kernels_C.", op, ": padding must be 2 non-negative ints, got ", shape(padding));
-  TORCH_CHECK_VALUE(dilation.size() == 2 && dilation[0] > 0 && dilation[1] > 0 && dilation[0] <= INT32_MAX &&
-                        dilation[1] <= INT32_MAX,
-                    "sara_kernels_C.", op, ": dilation must be 2 positive ints, got ", shape(dilation));
+  sara_kernels_check::conv2d_grad(op, grad_out_in, x_in, index_in, weight_shape, stride, padding, dilation, groups);
+  check_cuda(op, "grad_out", grad_out_in);
+  const c10::cuda::CUDAGuard guard(grad_out_in.device());
+  for (const auto v : {stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1]}) {
+    TORCH_CHECK_VALUE(v <= INT32_MAX, sara_kernels_check::prefix(op), "stride, padding and dilation must stay below 2**31");
+  }
+  int64_t variant = sara_kernels_check::settings().grad_variant.load(std::memory_order_relaxed);
+  TORCH_CHECK_VALUE(variant != 3, sara_kernels_check::prefix(op),
+                    "the 'tiled' variant is a linear-only kernel; use auto, direct or gemm");
+  const at::Tensor grad_out = grad_out_in.contiguous(), x = x_in.contiguous();
   const int64_t O = weight_shape[0], Cg = weight_shape[1], KH = weight_shape[2], KW = weight_shape[3];
-  TORCH_CHECK_VALUE(groups > 0 && O % groups == 0, "sara_kernels_C.", op, ": groups=", num(groups),
-                    " must be positive and divide the ", num(O), " output channels");
-  TORCH_CHECK_VALUE(x.size(1) == Cg * groups, "sara_kernels_C.", op, ": x has ", num(x.size(1)),
-                    " channels but weight_shape ", shape(weight_shape), " with groups=", num(groups), " expects ",
-                    num(Cg * groups));
   const int64_t N = x.size(0), H = x.size(2), W = x.size(3);
   const int64_t P = (H + 2 * padding[0] - dilation[0] * (KH - 1) - 1);
   const int64_t Q = (W + 2 * padding[1] - dilation[1] * (KW - 1) - 1);
-  TORCH_CHECK_VALUE(P >= 0 && Q >= 0, "sara_kernels_C.", op, ": the kernel ", shape({KH, KW}), " (dilation ",
-                    shape(dilation), ") is larger than the padded input ", shape({H, W}), " (padding ",
-                    shape(padding), ")");
   const int64_t P_out = P / stride[0] + 1, Q_out = Q / stride[1] + 1;
-  TORCH_CHECK_VALUE(grad_out.size(0) == N && grad_out.size(1) == O && grad_out.size(2) == P_out &&
-                        grad_out.size(3) == Q_out,
-                    "sara_kernels_C.", op, ": grad_out has shape ", shape(grad_out.sizes()),
-                    " but the convolution of x ", shape(x.sizes()), " with weight_shape ", shape(weight_shape), " gives ",
-                    shape({N, O, P_out, Q_out}));
   TORCH_CHECK_VALUE(H * W <= INT32_MAX && P_out * Q_out <= INT32_MAX && KH <= INT32_MAX && KW <= INT32_MAX,
-                    "sara_kernels_C.", op, ": spatial sizes must stay below 2**31 elements per plane");
-  TORCH_CHECK_VALUE(variant >= 0 && variant <= 2, "sara_kernels_C.", op, ": variant=", num(variant),
-                    " must be 0 (auto), 1 (direct) or 2 (gemm) (3, tiled, is a linear-only kernel)");
+                    sara_kernels_check::prefix(op), "spatial sizes must stay below 2**31 elements per plane");
   const int64_t numel = O * Cg * KH * KW;
-  const at::Tensor index = checked_index(op, index_in, grad_out.device(), numel);
+  const at::Tensor index = index_in.contiguous();
+  sara_kernels_check::record("sampled_weight_grad_conv2d", 2);  // the variant, once it is chosen
   const int64_t k = index.numel();
   const at::ScalarType acc = grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   if (k == 0) return at::empty({0}, grad_out.options().dtype(acc));
@@ -343,7 +316,7 @@ at::Tensor sampled_weight_grad_conv2d_cuda(const at::Tensor& grad_out, const at:
     const double crossover = lowp ? kConvLowpBase + kConvLowpPerSqrtL / std::sqrt(std::max(L, 1.0)) : kConvDirectMaxDensity;
     variant = density < crossover ? 1 : 2;
   }
-  sara_kernels_log::record_grad_variant(sara_kernels_log::kConv2d, variant);
+  sara_kernels_check::record("sampled_weight_grad_conv2d", 2, variant);
   if (variant == 1) {
     conv_direct(grad_out, x, index, s, out);
   } else if (grad_out.scalar_type() == at::kHalf || grad_out.scalar_type() == at::kBFloat16) {
@@ -357,6 +330,6 @@ at::Tensor sampled_weight_grad_conv2d_cuda(const at::Tensor& grad_out, const at:
 }  // namespace
 }  // namespace sara_kernels_cuda
 
-TORCH_LIBRARY_IMPL(sara_kernels_C, CUDA, m) {
+TORCH_LIBRARY_IMPL(sara_kernels, CUDA, m) {
   m.impl("sampled_weight_grad_conv2d", TORCH_FN(sara_kernels_cuda::sampled_weight_grad_conv2d_cuda));
 }

@@ -16,7 +16,6 @@
 //   shared memory, so global memory is read once per group of entries instead of once per entry.
 // variant 0 (auto): tiled below kLinearTiledMaxDensity (k / (out * in)) on wide layers, gemm otherwise.
 #include "common.cuh"
-#include "variant_log.h"
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
@@ -414,7 +413,7 @@ void linear_tiled(const at::Tensor& g, const at::Tensor& x, const at::Tensor& in
   const int64_t k = index.numel();
   const int64_t N = g.size(0);
   const int64_t limit = smem_optin_limit(g);
-  TORCH_CHECK_VALUE(tiled_fits(g, O, I), "sara_kernels_C.sampled_weight_grad_linear: variant 3 (tiled) needs ",
+  TORCH_CHECK_VALUE(tiled_fits(g, O, I), "sara_kernels.sampled_weight_grad_linear: variant 3 (tiled) needs ",
                     num(tiled_smem_bytes(I, O + 8 + kTileMinRows)), " bytes of shared memory for out_features=", num(O),
                     ", in_features=", num(I), " but the device allows ", num(limit), "; use variant 0 (auto), 1 or 2");
   // grad_out rows staged per window: what fits, at most O (+ one vector of alignment slack).
@@ -460,34 +459,21 @@ void linear_tiled(const at::Tensor& g, const at::Tensor& x, const at::Tensor& in
   });
 }
 
-at::Tensor sampled_weight_grad_linear_cuda(const at::Tensor& grad_out, const at::Tensor& x,
-                                           const at::Tensor& index_in, int64_t out_features, int64_t in_features,
-                                           int64_t variant) {
-  // The ATen ops inside (GEMMs, cuDNN/oneDNN weight gradients) run below autograd: inputs that
-  // require grad must neither fail (mm's out= variant refuses them) nor give an output that does.
+at::Tensor sampled_weight_grad_linear_cuda(const at::Tensor& grad_out_in, const at::Tensor& x_in,
+                                           const at::Tensor& index_in, int64_t out_features, int64_t in_features) {
+  // The ATen ops inside (GEMMs) run below autograd: inputs that require grad must neither fail
+  // (mm's out= variant refuses them) nor give an output that does.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const char* op = "sampled_weight_grad_linear";
-  check_cuda(op, "grad_out", grad_out, grad_out.device());
-  const c10::cuda::CUDAGuard guard(grad_out.device());
-  check_cuda(op, "x", x, grad_out.device());
-  check_float_dtype(op, "grad_out", grad_out);
-  check_dtype(op, "x", x, grad_out.scalar_type());
-  check_dim(op, "grad_out", grad_out, 2);
-  check_dim(op, "x", x, 2);
-  check_contiguous(op, "grad_out", grad_out);
-  check_contiguous(op, "x", x);
-  TORCH_CHECK_VALUE(out_features > 0 && in_features > 0, "sara_kernels_C.", op, ": out_features=", num(out_features),
-                    " and in_features=", num(in_features), " must be positive");
-  TORCH_CHECK_VALUE(grad_out.size(1) == out_features, "sara_kernels_C.", op, ": grad_out has shape ",
-                    shape(grad_out.sizes()), "; its last dim must be out_features=", num(out_features));
-  TORCH_CHECK_VALUE(x.size(1) == in_features, "sara_kernels_C.", op, ": x has shape ", shape(x.sizes()),
-                    "; its last dim must be in_features=", num(in_features));
-  TORCH_CHECK_VALUE(x.size(0) == grad_out.size(0), "sara_kernels_C.", op, ": grad_out ", shape(grad_out.sizes()),
-                    " and x ", shape(x.sizes()), " must have the same number of rows (tokens)");
-  TORCH_CHECK_VALUE(variant >= 0 && variant <= 3, "sara_kernels_C.", op, ": variant=", num(variant),
-                    " must be 0 (auto), 1 (direct), 2 (gemm) or 3 (tiled)");
+  sara_kernels_check::linear_grad(op, grad_out_in, x_in, index_in, out_features, in_features);
+  check_cuda(op, "grad_out", grad_out_in);
+  const c10::cuda::CUDAGuard guard(grad_out_in.device());
+  int64_t variant = sara_kernels_check::settings().grad_variant.load(std::memory_order_relaxed);
+  const at::Tensor grad_out = grad_out_in.reshape({-1, out_features}).contiguous();
+  const at::Tensor x = x_in.reshape({-1, in_features}).contiguous();
   const int64_t numel = out_features * in_features;
-  const at::Tensor index = checked_index(op, index_in, grad_out.device(), numel);
+  const at::Tensor index = index_in.contiguous();
+  sara_kernels_check::record("sampled_weight_grad_linear", 2);  // the variant, once it is chosen
   const int64_t k = index.numel();
   const at::ScalarType acc = grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   if (k == 0) return at::empty({0}, grad_out.options().dtype(acc));
@@ -502,7 +488,7 @@ at::Tensor sampled_weight_grad_linear_cuda(const at::Tensor& grad_out, const at:
                   ? 3
                   : 2;
   }
-  sara_kernels_log::record_grad_variant(sara_kernels_log::kLinear, variant);
+  sara_kernels_check::record("sampled_weight_grad_linear", 2, variant);
   if (variant == 1) {
     linear_direct(grad_out, x, index, out_features, in_features, out);
   } else if (variant == 3) {
@@ -516,6 +502,6 @@ at::Tensor sampled_weight_grad_linear_cuda(const at::Tensor& grad_out, const at:
 }  // namespace
 }  // namespace sara_kernels_cuda
 
-TORCH_LIBRARY_IMPL(sara_kernels_C, CUDA, m) {
+TORCH_LIBRARY_IMPL(sara_kernels, CUDA, m) {
   m.impl("sampled_weight_grad_linear", TORCH_FN(sara_kernels_cuda::sampled_weight_grad_linear_cuda));
 }

@@ -13,33 +13,32 @@
 
 #include <optional>
 
-#include "message.h"
+#include "checks.h"
 
 namespace sara_kernels_cuda {
 namespace {
 
-using sara_kernels_msg::num;
+using sara_kernels_check::num;
 
 at::Tensor select_small_magnitude_cuda(const at::Tensor& weight, std::optional<double> threshold,
                                        std::optional<int64_t> k) {
   const char* op = "select_small_magnitude";
-  TORCH_CHECK(weight.defined() && weight.is_cuda(), "sara_kernels_C.", op, ": weight must be a CUDA tensor");
+  sara_kernels_check::tensor(op, "weight", weight, sara_kernels_check::Dtypes::kFloating);
+  TORCH_CHECK(weight.is_cuda(), sara_kernels_check::prefix(op), "weight must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(weight.device());
-  const at::ScalarType dtype = weight.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-                   "sara_kernels_C.", op, ": weight has dtype ", dtype, "; expected one of Float, Half, BFloat16, Double");
-  TORCH_CHECK_VALUE(threshold.has_value() != k.has_value(), "sara_kernels_C.", op,
-                    ": give exactly one of threshold or k");
+  TORCH_CHECK_VALUE(threshold.has_value() != k.has_value(), sara_kernels_check::prefix(op),
+                    "give exactly one of threshold or k");
+  sara_kernels_check::record("select_small_magnitude", 2);
   const int64_t numel = weight.numel();
   const at::ScalarType index_dtype = numel >= (int64_t{1} << 31) ? at::kLong : at::kInt;
   const at::Tensor magnitude = weight.contiguous().reshape({-1}).abs();
   if (threshold.has_value()) {
     const double t = *threshold;
-    TORCH_CHECK_VALUE(t > 0.0, "sara_kernels_C.", op, ": threshold must be a positive number, got ", num(t));
+    TORCH_CHECK_VALUE(t > 0.0, sara_kernels_check::prefix(op), "threshold must be a positive number, got ", sara_kernels_check::pyfloat(t));
     return at::nonzero(magnitude.lt(t)).flatten().to(index_dtype);
   }
   const int64_t count = *k;
-  TORCH_CHECK_VALUE(count >= 0 && count <= numel, "sara_kernels_C.", op, ": k=", num(count), " must lie in [0, ",
+  TORCH_CHECK_VALUE(count >= 0 && count <= numel, sara_kernels_check::prefix(op), "k=", num(count), " must lie in [0, ",
                     num(numel), "] (the weight's entry count)");
   if (count == 0) return at::empty({0}, weight.options().dtype(index_dtype));
   const at::Tensor order = std::get<1>(at::sort(magnitude, /*stable=*/true, /*dim=*/0, /*descending=*/false));
@@ -50,6 +49,6 @@ at::Tensor select_small_magnitude_cuda(const at::Tensor& weight, std::optional<d
 }  // namespace
 }  // namespace sara_kernels_cuda
 
-TORCH_LIBRARY_IMPL(sara_kernels_C, CUDA, m) {
+TORCH_LIBRARY_IMPL(sara_kernels, CUDA, m) {
   m.impl("select_small_magnitude", TORCH_FN(sara_kernels_cuda::select_small_magnitude_cuda));
 }

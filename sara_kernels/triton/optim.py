@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sara_kernels._checks import AdamWHyper
+
 # Memory-bound elementwise kernels: 1024 entries per program, 4 warps (8 per thread).
 BLOCK = 1024
 NUM_WARPS = 4
@@ -129,17 +131,13 @@ def sparse_adamw_(
     exp_avg_sq: torch.Tensor,
     *,
     step: float,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    maximize: bool = False,
+    **hyper,
 ) -> None:
     """One AdamW step on the compact fp32 vectors (in place), then weight[index] = base + delta."""
     k = index.numel()
     if k == 0:
         return
+    lr, beta1, beta2, eps, weight_decay, maximize = AdamWHyper(**hyper)
     # Scalars in double in Python, as torch.optim.AdamW computes them; the kernel gets them as fp32,
     # which is also how torch applies a Python scalar to an fp32 tensor.
     bias_correction1 = 1 - beta1**step
@@ -176,13 +174,13 @@ def sparse_adamw_(
 
 
 def sparse_adamw_multi_(
-    weights, indices, bases, deltas, grads, exp_avgs, exp_avg_sqs, *, steps, **scalars
+    weights, indices, bases, deltas, grads, exp_avgs, exp_avg_sqs, *, steps, **hyper
 ) -> None:
     """:func:`sparse_adamw_` on each tensor set, one launch per set (set ``i`` at ``steps[i]``)."""
     for weight, index, base, delta, grad, exp_avg, exp_avg_sq, step in zip(
         weights, indices, bases, deltas, grads, exp_avgs, exp_avg_sqs, steps, strict=True
     ):
-        sparse_adamw_(weight, index, base, delta, grad, exp_avg, exp_avg_sq, step=step, **scalars)
+        sparse_adamw_(weight, index, base, delta, grad, exp_avg, exp_avg_sq, step=step, **hyper)
 
 
 # ---------------------------------------------------------------------------------------------
