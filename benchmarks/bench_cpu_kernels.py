@@ -7,8 +7,10 @@ Run after building the extension (``pip install --no-build-isolation -e .``):
 
 Each time is the median (or, with ``--stat min``, the minimum) of ``--repeat`` runs after
 ``--warmup`` runs (time.perf_counter), in ms; the JSON holds both.
-The native ops are timed straight (``torch.ops.sara_kernels_C.*``: the kernel, without the Python
-input checks of the public op); ``reference`` is ``sara_kernels.reference``. ``speedup`` is
+The native ops are timed through the dispatcher (``torch.ops.sara_kernels.*`` under
+``sara_kernels.use_backend("cpu")``: the C++ kernel registered as the op's CPU kernel, which checks
+its own inputs; no Python wrapper), each sampled-gradient variant forced with
+``sara_kernels.use_grad_variant``; ``reference`` is ``sara_kernels.reference``. ``speedup`` is
 reference time / time (>1: faster than the reference). The table is printed and written as JSON
 to ``benchmarks/results/cpu_kernels.json``; the auto crossovers in csrc/cpu/sampled_grad_*.cpp
 come from its direct vs gemm rows.
@@ -28,7 +30,7 @@ import torch
 import sara_kernels
 from sara_kernels import reference
 
-VARIANTS = {"auto": 0, "direct": 1, "gemm": 2}
+VARIANTS = ("auto", "direct", "gemm")  # the CPU kernels' sampled-gradient variants
 DENSITIES = (0.001, 0.01, 0.058, 0.2, 0.5)
 
 
@@ -88,7 +90,7 @@ class Table:
 
 
 def bench_linear(table: Table, args, gen: torch.Generator) -> None:
-    native = torch.ops.sara_kernels_C.sampled_weight_grad_linear
+    native = torch.ops.sara_kernels.sampled_weight_grad_linear
     shapes = [(320, 320, 512), (640, 640, 512)]
     if not args.quick:
         shapes.append((1280, 1280, 512))
@@ -99,23 +101,22 @@ def bench_linear(table: Table, args, gen: torch.Generator) -> None:
         for density in DENSITIES:
             index = random_index(out_f * in_f, density, gen)
             results = {}
-            for name, v in VARIANTS.items():
-                results[f"cpp_{name}"] = timeit(
-                    lambda v=v: native(g, x, index, out_f, in_f, v), args.warmup, args.repeat
-                )
+            for name in VARIANTS:
+                with sara_kernels.use_grad_variant(name):
+                    results[f"cpp_{name}"] = timeit(
+                        lambda: native(g, x, index, out_f, in_f), args.warmup, args.repeat
+                    )
             results["reference"] = timeit(
                 lambda: reference.sampled_weight_grad_linear(g, x, index, out_f, in_f),
                 args.warmup,
                 args.repeat,
             )
             results["dense_gT_x"] = dense
-            table.add(
-                "sampled_weight_grad_linear", f"{out_f}x{in_f} N={n} d={density:.1%}", results
-            )
+            table.add("sampled_weight_grad_linear", f"{out_f}x{in_f} N={n} d={density:.1%}", results)
 
 
 def bench_conv(table: Table, args, gen: torch.Generator) -> None:
-    native = torch.ops.sara_kernels_C.sampled_weight_grad_conv2d
+    native = torch.ops.sara_kernels.sampled_weight_grad_conv2d
     # (C_in, C_out, H=W, groups)
     shapes = [(64, 64, 16, 1), (64, 64, 32, 1), (128, 128, 16, 1), (128, 128, 32, 1)]
     if args.quick:
@@ -130,7 +131,16 @@ def bench_conv(table: Table, args, gen: torch.Generator) -> None:
         conv = ([1, 1], [1, 1], [1, 1], groups)
         dense = timeit(
             lambda: torch.ops.aten.convolution_backward(
-                g, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], groups,
+                g,
+                x,
+                weight,
+                None,
+                [1, 1],
+                [1, 1],
+                [1, 1],
+                False,
+                [0, 0],
+                groups,
                 [False, True, False],
             ),
             args.warmup,
@@ -139,10 +149,11 @@ def bench_conv(table: Table, args, gen: torch.Generator) -> None:
         for density in DENSITIES:
             index = random_index(weight.numel(), density, gen)
             results = {}
-            for name, v in VARIANTS.items():
-                results[f"cpp_{name}"] = timeit(
-                    lambda v=v: native(g, x, index, wshape, *conv, v), args.warmup, args.repeat
-                )
+            for name in VARIANTS:
+                with sara_kernels.use_grad_variant(name):
+                    results[f"cpp_{name}"] = timeit(
+                        lambda: native(g, x, index, wshape, *conv), args.warmup, args.repeat
+                    )
             results["reference"] = timeit(
                 lambda: reference.sampled_weight_grad_conv2d(g, x, index, wshape, *conv),
                 args.warmup,
@@ -154,7 +165,7 @@ def bench_conv(table: Table, args, gen: torch.Generator) -> None:
 
 
 def bench_optim(table: Table, args, gen: torch.Generator) -> None:
-    native = torch.ops.sara_kernels_C
+    native = torch.ops.sara_kernels
     ks = (100_000,) if args.quick else (100_000, 1_000_000)
     for k in ks:
         numel = 4 * k
@@ -169,9 +180,7 @@ def bench_optim(table: Table, args, gen: torch.Generator) -> None:
 
         def cpp():
             steps[0] += 1
-            native.sparse_adamw_(weight, index, base, delta, grad, m, v, float(steps[0]),
-                                 hp["lr"], hp["beta1"], hp["beta2"], hp["eps"], hp["weight_decay"],
-                                 False)
+            native.sparse_adamw_(weight, index, base, delta, grad, m, v, step=float(steps[0]), **hp)
 
         def ref():
             steps[0] += 1
@@ -180,7 +189,10 @@ def bench_optim(table: Table, args, gen: torch.Generator) -> None:
         param = torch.nn.Parameter(torch.zeros(k))
         param.grad = grad.clone()
         opt = torch.optim.AdamW(
-            [param], lr=hp["lr"], betas=(hp["beta1"], hp["beta2"]), eps=hp["eps"],
+            [param],
+            lr=hp["lr"],
+            betas=(hp["beta1"], hp["beta2"]),
+            eps=hp["eps"],
             weight_decay=hp["weight_decay"],
         )
         long_index = index.long()
@@ -197,22 +209,23 @@ def bench_optim(table: Table, args, gen: torch.Generator) -> None:
         table.add("sparse_adamw_", f"k={k} (fp32 weight {numel})", results)
 
         results = {
-            "cpp": timeit(lambda: native.scatter_merge_(weight, index, base, delta, 1.0),
-                          args.warmup, args.repeat),
-            "reference": timeit(lambda: reference.scatter_merge_(weight, index, base, delta, 1.0),
-                                args.warmup, args.repeat),
+            "cpp": timeit(
+                lambda: native.scatter_merge_(weight, index, base, delta, 1.0), args.warmup, args.repeat
+            ),
+            "reference": timeit(
+                lambda: reference.scatter_merge_(weight, index, base, delta, 1.0), args.warmup, args.repeat
+            ),
         }
         table.add("scatter_merge_", f"k={k}", results)
         results = {
             "cpp": timeit(lambda: native.restore_(weight, index, base), args.warmup, args.repeat),
-            "reference": timeit(lambda: reference.restore_(weight, index, base), args.warmup,
-                                args.repeat),
+            "reference": timeit(lambda: reference.restore_(weight, index, base), args.warmup, args.repeat),
         }
         table.add("restore_", f"k={k}", results)
 
 
 def bench_select(table: Table, args, gen: torch.Generator) -> None:
-    native = torch.ops.sara_kernels_C.select_small_magnitude
+    native = torch.ops.sara_kernels.select_small_magnitude
     sizes = [(640, 640)] if args.quick else [(640, 640), (1280, 1280, 3, 3)]
     for shape in sizes:
         w = torch.randn(shape, generator=gen) * 0.02
@@ -229,17 +242,23 @@ def bench_select(table: Table, args, gen: torch.Generator) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="fewer shapes and runs")
     parser.add_argument("--warmup", type=int, default=None, help="untimed runs per case (default 3, quick 1)")
     parser.add_argument("--repeat", type=int, default=None, help="timed runs per case (default 15, quick 5)")
     parser.add_argument(
-        "--stat", choices=("median", "min"), default="median",
+        "--stat",
+        choices=("median", "min"),
+        default="median",
         help="statistic shown in the table (both go to the JSON); min is steadier on a shared machine",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument(
-        "--only", choices=("linear", "conv", "optim", "select"), action="append",
+        "--only",
+        choices=("linear", "conv", "optim", "select"),
+        action="append",
         help="run only these groups (repeatable)",
     )
     parser.add_argument(
@@ -264,14 +283,16 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     table = Table()
     groups = args.only or ["linear", "conv", "optim", "select"]
-    if "linear" in groups:
-        bench_linear(table, args, gen)
-    if "conv" in groups:
-        bench_conv(table, args, gen)
-    if "optim" in groups:
-        bench_optim(table, args, gen)
-    if "select" in groups:
-        bench_select(table, args, gen)
+    # The native ops on the CPU kernels (refused, not silently replaced, if they cannot run).
+    with sara_kernels.use_backend("cpu"):
+        if "linear" in groups:
+            bench_linear(table, args, gen)
+        if "conv" in groups:
+            bench_conv(table, args, gen)
+        if "optim" in groups:
+            bench_optim(table, args, gen)
+        if "select" in groups:
+            bench_select(table, args, gen)
 
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w") as f:

@@ -10,7 +10,8 @@ once inside an NVTX range named "profile", so that ncu measures one launch of ea
   native multi  sparse_adamw_multi_ with that one set (the multi-tensor kernel's per-entry cost)
   native multi  sparse_adamw_multi_ over SD 1.5's 282 weight shapes at 5.8% (8 launches)
 
-The index checks run as in training (the default async mode: a separate validation kernel for
+The native index checks run as in training (async, set with
+``sara_kernels._backend.native_settings(index_checks=1)``: a separate validation kernel for
 sparse_adamw_, folded into the update for sparse_adamw_multi_); ncu's filter keeps the update
 kernels only.
 
@@ -125,9 +126,11 @@ def main() -> None:
         )
 
     results = []
-    with sara_kernels.index_checks(False):  # the Python-side checks (one host sync) are not the subject
+    # The Python-side checks (one host sync) are not the subject; the native kernels' index checks
+    # run as in training (async), whatever index_checks(False) or SARA_KERNELS_CHECK_INDEX say.
+    with sara_kernels.index_checks(False):
         for name, (backend, fn, k) in variants.items():
-            with sara_kernels.use_backend(backend):
+            with sara_kernels.use_backend(backend), _backend.native_settings(index_checks=1):
                 for _ in range(3):
                     fn()
                 if device == "cuda":

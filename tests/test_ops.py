@@ -7,6 +7,9 @@ so a bug shared by the reference and a kernel cannot hide.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -669,22 +672,46 @@ def test_mixed_devices_are_reported():
 # ---------------------------------------------------------------------------------------------
 # Backend selection and forcing
 # ---------------------------------------------------------------------------------------------
-def test_backends_report_and_forcing(monkeypatch):
+def test_backends_report_and_forcing():
     info = sara_kernels.backends()
     assert set(info["available"]) == {"reference", "cpu", "cuda", "triton"}
     assert info["ops"]["cpu"]["sampled_weight_grad_linear"] in ("cpu", "reference")
     with sara_kernels.use_backend("reference"):
         assert sara_kernels.backends()["ops"]["cpu"]["sparse_adamw_"] == "reference"
-    monkeypatch.setenv("SARA_KERNELS_BACKEND", "reference")
-    assert sara_kernels.backends()["forced"] == "reference"
-    g, x = _random((4, 3)), _random((4, 5))
+        g, x = _random((4, 3)), _random((4, 5))
+        sk.sampled_weight_grad_linear(g, x, _index(15, 3), 3, 5)
+        assert _ops.last_backend["sampled_weight_grad_linear"] == "reference"
     sk.sampled_weight_grad_linear(g, x, _index(15, 3), 3, 5)
-    assert _ops.last_backend["sampled_weight_grad_linear"] == "reference"
-    with sara_kernels.use_backend(None):  # the context manager overrides the environment
-        assert sara_kernels.backends()["forced"] == "auto"
-    monkeypatch.setenv("SARA_KERNELS_BACKEND", "fastest")
-    with pytest.raises(ValueError, match="SARA_KERNELS_BACKEND"):
-        sara_kernels.backends()
+    assert _ops.last_backend["sampled_weight_grad_linear"] == info["ops"]["cpu"]["sampled_weight_grad_linear"]
+
+
+def _run_with_env(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_the_environment_forces_a_backend_at_import():
+    """SARA_KERNELS_BACKEND is read once, at import (never per call); use_backend overrides it."""
+    code = (
+        "import torch, sara_kernels as sk\n"
+        "from sara_kernels import _ops\n"
+        "g, x, index = torch.randn(4, 3), torch.randn(4, 5), torch.tensor([0, 4, 9], dtype=torch.int32)\n"
+        "assert sk.backends()['forced'] == 'reference'\n"
+        "sk.ops.sampled_weight_grad_linear(g, x, index, 3, 5)\n"
+        "assert _ops.last_backend['sampled_weight_grad_linear'] == 'reference'\n"
+        "with sk.use_backend(None):\n"
+        "    assert sk.backends()['forced'] == 'auto'\n"
+        "    sk.ops.sampled_weight_grad_linear(g, x, index, 3, 5)\n"
+        "    assert _ops.last_backend['sampled_weight_grad_linear'] == 'cpu'\n"
+        "sk.ops.sampled_weight_grad_linear(g, x, index, 3, 5)\n"
+        "assert _ops.last_backend['sampled_weight_grad_linear'] == 'reference'\n"
+        "print('ok')\n"
+    )
+    done = _run_with_env(code, SARA_KERNELS_BACKEND="reference")
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr
+    done = _run_with_env("import sara_kernels", SARA_KERNELS_BACKEND="fastest")
+    assert done.returncode != 0 and "SARA_KERNELS_BACKEND" in done.stderr
 
 
 def test_forcing_an_unusable_backend_is_an_error():

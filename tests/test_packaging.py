@@ -34,6 +34,25 @@ _BLOCK_NATIVE = textwrap.dedent(
     got = ops.sampled_weight_grad_linear(g, x, index, 3, 5)
     want = (g.t() @ x).reshape(-1)[index.long()]
     assert torch.allclose(got, want), (got, want)
+    # The layer ops' Python autograd and autocast (the compiled extension registers them in C++).
+    import torch.nn.functional as F
+    for dense, inp in (
+        (torch.nn.Linear(6, 4), torch.randn(3, 6)),
+        (torch.nn.Conv2d(3, 5, 3, padding=1), torch.randn(2, 3, 6, 6)),
+    ):
+        layer = sara_kernels.SparseDeltaLinear.from_dense(dense, k=7) if isinstance(dense, torch.nn.Linear) else (
+            sara_kernels.SparseDeltaConv2d.from_dense(dense, k=9)
+        )
+        inp = inp.requires_grad_()
+        layer(inp).square().sum().backward()
+        w = layer.weight.detach().clone().requires_grad_()
+        x2 = inp.detach().clone().requires_grad_()
+        functional = F.linear if isinstance(dense, torch.nn.Linear) else (lambda a, b, c: F.conv2d(a, b, c, 1, 1))
+        functional(x2, w, layer.bias.detach()).square().sum().backward()
+        assert torch.allclose(layer.sparse_delta.grad, w.grad.view(-1)[layer.sparse_index.long()], atol=1e-5)
+        assert torch.allclose(inp.grad, x2.grad, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer(inp).dtype == torch.bfloat16
     try:
         with sara_kernels.use_backend("cpu"):
             ops.sampled_weight_grad_linear(g, x, index, 3, 5)
