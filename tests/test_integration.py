@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import TINY_MODELS
 from torch import nn
 
 import sara_kernels as sk
@@ -163,17 +164,9 @@ def test_autocast_bf16_matches_dense_model():
 # ---------------------------------------------------------------------------------------------
 # Tiny diffusers UNet
 # ---------------------------------------------------------------------------------------------
+#: The SD1.5-style tiny UNet with wider attention (32 context channels, heads of 8).
 UNET_CONFIG = dict(
-    sample_size=8,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    cross_attention_dim=32,
-    attention_head_dim=8,
-    norm_num_groups=8,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    TINY_MODELS["sd15_unet"][1], in_channels=4, out_channels=4, cross_attention_dim=32, attention_head_dim=8
 )
 TYPICAL_ABS_W = 0.03  # with theta = 2e-3 about 3-4% of a uniform-ish weight is selected
 
