@@ -1,12 +1,38 @@
-"""What several test modules build the same way: the tiny diffusers models.
+"""What several test modules build the same way: a thread limit and the tiny diffusers models.
 
 The tests import it as ``helpers`` (pytest puts ``tests/`` on ``sys.path``).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
+import pytest
 import torch
 from torch import nn
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """One intra-op thread inside the block; the previous count restored after it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread_per_module():
+    """Autouse in the modules that import it. The models there are tiny: one intra-op thread avoids
+    OpenMP barrier stalls (tens of ms per op) when the CPU is shared, and makes the suite's runtime
+    predictable."""
+    with one_thread():
+        yield
+
+
 
 # ---------------------------------------------------------------------------------------------
 # Tiny diffusers models (no downloads)

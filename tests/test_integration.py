@@ -14,7 +14,10 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TINY_MODELS
+from helpers import (
+    TINY_MODELS,
+    one_thread_per_module,  # noqa: F401 (an autouse fixture)
+)
 from torch import nn
 
 import sara_kernels as sk
@@ -22,16 +25,6 @@ from sara_kernels.nn import SparseDeltaConv2d, SparseDeltaLinear
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models here are tiny: one intra-op thread avoids OpenMP barrier stalls (tens of ms per
-    op) when the CPU is shared, and makes the suite's runtime predictable."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 # ---------------------------------------------------------------------------------------------

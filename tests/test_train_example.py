@@ -26,6 +26,7 @@ import sys
 
 import pytest
 import torch
+from helpers import one_thread
 
 import sara_kernels as sk
 from sara_kernels.training_state import FILE_NAME, read_training_state
@@ -55,10 +56,8 @@ def _load_module(name: str, path: str):
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """The subprocesses run with one thread: so do the recomputations here (bit-exact comparisons)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
