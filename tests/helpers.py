@@ -1,16 +1,29 @@
-"""What several test modules build the same way: a thread limit and the tiny diffusers models.
+"""What several test modules, and the distributed workers they launch, build the same way: a thread
+limit, a small conv + MLP net, the tiny diffusers models, loading a script as a module, and a
+2-process ``torch.distributed.run`` launch on the CPU.
 
-The tests import it as ``helpers`` (pytest puts ``tests/`` on ``sys.path``).
+The tests import it as ``helpers`` (pytest puts ``tests/`` on ``sys.path``); the workers, run as
+scripts from ``tests/``, find it next to them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
 from collections.abc import Iterator
+from types import ModuleType
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 
 
 @contextlib.contextmanager
@@ -32,6 +45,24 @@ def one_thread_per_module():
     with one_thread():
         yield
 
+
+class ConvNet(nn.Module):
+    """``conv`` (3 -> ``channels``, 3x3) -> ``norm`` (GroupNorm(2), or none) -> GELU -> ``fc1`` ->
+    GELU -> ``fc2`` on (N, 3, 4, 4) inputs: the module kinds SaRA meets in a UNet, small."""
+
+    def __init__(self, channels: int, hidden: int, outputs: int, norm: bool = True):
+        super().__init__()
+        self.conv = nn.Conv2d(3, channels, 3, padding=1)
+        self.norm = nn.GroupNorm(2, channels) if norm else None
+        self.fc1 = nn.Linear(channels * 4 * 4, hidden)
+        self.fc2 = nn.Linear(hidden, outputs)
+
+    def forward(self, x):
+        h = self.conv(x)
+        if self.norm is not None:
+            h = self.norm(h)
+        h = F.gelu(h).flatten(1)
+        return self.fc2(F.gelu(self.fc1(h)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,3 +264,40 @@ def build_tiny(name: str) -> nn.Module:
     cls_name, config = TINY_MODELS[name]
     torch.manual_seed(0)
     return getattr(diffusers, cls_name)(**config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scripts and processes
+# ---------------------------------------------------------------------------------------------
+def load_module(name: str, path: str) -> ModuleType:
+    """The Python file at ``path``, imported as a module called ``name``."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_command(script: str, *args: str, processes: int = 2) -> list[str]:
+    """``python -m torch.distributed.run`` of ``script`` on this host, ``processes`` ranks."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(processes),
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), script, *args,
+    ]  # fmt: skip
+
+
+def run_workers(worker: str, mode: str, out, *args: str) -> list[dict]:
+    """Runs ``tests/<worker> --mode <mode> --out <out> [args]`` on 2 CPU ranks (one thread each) and
+    returns what each rank saved as ``<out>/<mode>_rank<r>.pt``."""
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
+    )
+    cmd = torchrun_command(os.path.join(HERE, worker), "--mode", mode, "--out", str(out), *args)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return [torch.load(out / f"{mode}_rank{r}.pt") for r in range(2)]
