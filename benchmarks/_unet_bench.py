@@ -242,15 +242,21 @@ def malloc_trim() -> None:
         pass
 
 
-def _status_kib(field: str) -> int | None:
+def proc_kib(path: str, field: str) -> int | None:
+    """The kB value of ``field`` in a /proc file (``/proc/self/status``, ``/proc/meminfo``, ...); None
+    where the file or the field is missing."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith(field + ":"):
                     return int(line.split()[1])
     except OSError:
         return None
     return None
+
+
+def _status_kib(field: str) -> int | None:
+    return proc_kib("/proc/self/status", field)
 
 
 def rss_bytes() -> int:

@@ -181,14 +181,8 @@ def worker_argv(args, method: str) -> list[str]:
 
 
 def child_rss(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    kib = ub.proc_kib(f"/proc/{pid}/status", "VmRSS")
+    return None if kib is None else kib * 1024
 
 
 class Progress:
