@@ -328,6 +328,20 @@ class MemoryMeter:
         return peak_rss_bytes()
 
 
+def timed(fn: Callable[[], object], sync: Callable[[], None] | None = None) -> float:
+    """Seconds one call of ``fn()`` takes, between two ``sync()`` calls when given. What ``fn``
+    returns is released after the clock stops."""
+    if sync is not None:
+        sync()
+    t0 = time.perf_counter()
+    out = fn()
+    if sync is not None:
+        sync()
+    seconds = time.perf_counter() - t0
+    del out
+    return seconds
+
+
 def summarize(times_s: list[float]) -> dict:
     ms = sorted(t * 1e3 for t in times_s)
     if not ms:
@@ -733,27 +747,13 @@ def run_worker(method: str, args) -> dict:
     times = []
     for i in range(args.steps):
         progress(f"step {i + 1}/{args.steps}")
-        sync()
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
+        times.append(timed(step, sync))
     fwd_times, fwd_ng_times = [], []
     for i in range(args.fwd_steps):
         progress(f"forward {i + 1}/{args.fwd_steps}")
-        sync()
-        t0 = time.perf_counter()
-        out = forward()
-        sync()
-        fwd_times.append(time.perf_counter() - t0)
-        del out
+        fwd_times.append(timed(forward, sync))  # the graph is dropped after the clock stops
         with torch.no_grad():
-            sync()
-            t0 = time.perf_counter()
-            out = forward()
-            sync()
-            fwd_ng_times.append(time.perf_counter() - t0)
-        del out
+            fwd_ng_times.append(timed(forward, sync))
     peak = meter.peak()
     load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
     phases["measure"] = time.perf_counter() - t_phase
