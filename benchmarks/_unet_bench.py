@@ -242,15 +242,21 @@ def malloc_trim() -> None:
         pass
 
 
-def _status_kib(field: str) -> int | None:
+def proc_kib(path: str, field: str) -> int | None:
+    """The kB value of ``field`` in a /proc file (``/proc/self/status``, ``/proc/meminfo``, ...); None
+    where the file or the field is missing."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith(field + ":"):
                     return int(line.split()[1])
     except OSError:
         return None
     return None
+
+
+def _status_kib(field: str) -> int | None:
+    return proc_kib("/proc/self/status", field)
 
 
 def rss_bytes() -> int:
@@ -320,6 +326,20 @@ class MemoryMeter:
             torch.cuda.synchronize(self.device)
             return torch.cuda.max_memory_allocated(self.device)
         return peak_rss_bytes()
+
+
+def timed(fn: Callable[[], object], sync: Callable[[], None] | None = None) -> float:
+    """Seconds one call of ``fn()`` takes, between two ``sync()`` calls when given. What ``fn``
+    returns is released after the clock stops."""
+    if sync is not None:
+        sync()
+    t0 = time.perf_counter()
+    out = fn()
+    if sync is not None:
+        sync()
+    seconds = time.perf_counter() - t0
+    del out
+    return seconds
 
 
 def summarize(times_s: list[float]) -> dict:
@@ -727,27 +747,13 @@ def run_worker(method: str, args) -> dict:
     times = []
     for i in range(args.steps):
         progress(f"step {i + 1}/{args.steps}")
-        sync()
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
+        times.append(timed(step, sync))
     fwd_times, fwd_ng_times = [], []
     for i in range(args.fwd_steps):
         progress(f"forward {i + 1}/{args.fwd_steps}")
-        sync()
-        t0 = time.perf_counter()
-        out = forward()
-        sync()
-        fwd_times.append(time.perf_counter() - t0)
-        del out
+        fwd_times.append(timed(forward, sync))  # the graph is dropped after the clock stops
         with torch.no_grad():
-            sync()
-            t0 = time.perf_counter()
-            out = forward()
-            sync()
-            fwd_ng_times.append(time.perf_counter() - t0)
-        del out
+            fwd_ng_times.append(timed(forward, sync))
     peak = meter.peak()
     load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
     phases["measure"] = time.perf_counter() - t_phase

@@ -16,12 +16,16 @@ import dataclasses
 import json
 import os
 import statistics
-import time
+import sys
 
 import torch
 
 import sara_kernels as sk
 from sara_kernels import ops
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _unet_bench as ub  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,12 +65,7 @@ def get_configs() -> list[Config]:
 
 def _median_ms(fn, repeats: int) -> float:
     fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return statistics.median([ub.timed(fn) * 1e3 for _ in range(repeats)])
 
 
 def run_experiment(config: Config, repeats: int) -> Result:

@@ -86,14 +86,8 @@ def parse_args(argv=None):
 
 
 def mem_available() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    kib = ub.proc_kib("/proc/meminfo", "MemAvailable")
+    return None if kib is None else kib * 1024
 
 
 def run_model(args, model: str, cap_gib: float) -> dict:

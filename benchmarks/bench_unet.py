@@ -181,14 +181,8 @@ def worker_argv(args, method: str) -> list[str]:
 
 
 def child_rss(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    kib = ub.proc_kib(f"/proc/{pid}/status", "VmRSS")
+    return None if kib is None else kib * 1024
 
 
 class Progress:
@@ -428,6 +422,19 @@ def charts(results: dict, order: list[str], stem: str, title: str) -> list[str]:
     y = list(range(len(ok)))
     paths = []
 
+    def label(ax, xlabel: str, panel_title: str) -> None:
+        ax.set_yticks(y, ok)
+        ax.invert_yaxis()
+        ax.set_xlabel(xlabel)
+        ax.set_title(panel_title)
+
+    def save(fig, suffix: str) -> None:
+        fig.suptitle(title, fontsize=10)
+        fig.tight_layout()
+        paths.append(stem + suffix)
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 0.45 * len(ok) + 2.2))
     peaks = [results[m]["peak_overhead_bytes"] / MiB for m in ok]
     ax1.barh(y, peaks, color=colors)
@@ -437,10 +444,7 @@ def charts(results: dict, order: list[str], stem: str, title: str) -> list[str]:
     if f:
         ax1.axvline(f["floor"] / MiB, color="k", ls="--", lw=1, label=f"sara floor {f['floor'] / MiB:.0f} MiB")
         ax1.legend(loc="lower right", fontsize=8)
-    ax1.set_yticks(y, ok)
-    ax1.invert_yaxis()
-    ax1.set_xlabel("peak memory overhead over the built model (MiB)")
-    ax1.set_title("peak memory during training")
+    label(ax1, "peak memory overhead over the built model (MiB)", "peak memory during training")
     states = [(results[m]["state_bytes"] or 0) / MiB for m in ok]
     positive = [v for v in states if v > 0]
     left = min(positive) / 4 if positive else 0.01
@@ -449,15 +453,8 @@ def charts(results: dict, order: list[str], stem: str, title: str) -> list[str]:
         ax2.text(max(v, left), yi, f" {v:.1f}" if v > 0 else " 0 (nothing trained)", va="center", fontsize=8)
     ax2.set_xscale("log")
     ax2.set_xlim(left=left)
-    ax2.set_yticks(y, ok)
-    ax2.invert_yaxis()
-    ax2.set_xlabel("training state: params + grads + optimizer + buffers (MiB, log)")
-    ax2.set_title("training-state bytes")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    paths.append(stem + "_memory.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    label(ax2, "training state: params + grads + optimizer + buffers (MiB, log)", "training-state bytes")
+    save(fig, "_memory.png")
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 0.45 * len(ok) + 2.2))
     med = [results[m]["step_ms"]["median"] for m in ok]
@@ -466,23 +463,13 @@ def charts(results: dict, order: list[str], stem: str, title: str) -> list[str]:
     ax1.barh(y, med, xerr=[lo, hi], color=colors, capsize=3)
     for yi, v, h in zip(y, med, hi, strict=False):
         ax1.text(v + h, yi, f" {v:.0f}", va="center", fontsize=8)
-    ax1.set_yticks(y, ok)
-    ax1.invert_yaxis()
-    ax1.set_xlabel("training step (ms): median, whiskers min-max")
-    ax1.set_title("step time (fwd + loss + bwd + optimizer)")
+    label(ax1, "training step (ms): median, whiskers min-max", "step time (fwd + loss + bwd + optimizer)")
     fmed = [results[m]["fwd_ms"]["median"] for m in ok]
     ax2.barh(y, fmed, color=colors)
     for yi, v in zip(y, fmed, strict=False):
         ax2.text(v, yi, f" {v:.0f}", va="center", fontsize=8)
-    ax2.set_yticks(y, ok)
-    ax2.invert_yaxis()
-    ax2.set_xlabel("training forward (ms), median")
-    ax2.set_title("forward time")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    paths.append(stem + "_time.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    label(ax2, "training forward (ms), median", "forward time")
+    save(fig, "_time.png")
     return paths
 
 

@@ -17,7 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+from helpers import ConvNet  # noqa: E402
 
 import sara_kernels as sk  # noqa: E402
 
@@ -26,22 +30,9 @@ LR = 1e-2
 BATCH = 8  # split evenly over the ranks: the mean of the shard means is the full-batch mean
 
 
-class SmallNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 6, 3, padding=1)
-        self.norm = nn.GroupNorm(2, 6)
-        self.fc1 = nn.Linear(6 * 4 * 4, 24)
-        self.fc2 = nn.Linear(24, 3)
-
-    def forward(self, x):
-        h = F.gelu(self.norm(self.conv(x))).flatten(1)
-        return self.fc2(F.gelu(self.fc1(h)))
-
-
 def build_model() -> nn.Module:
     torch.manual_seed(1234)
-    return sk.apply_sara(SmallNet(), sk.SaRAConfig(fraction=0.1))
+    return sk.apply_sara(ConvNet(6, 24, 3), sk.SaRAConfig(fraction=0.1))
 
 
 def make_batch() -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+from helpers import ConvNet  # noqa: E402
 
 import sara_kernels as sk  # noqa: E402
 
@@ -25,23 +29,11 @@ LR = 1e-2
 BATCH = 8
 
 
-class SmallNet(nn.Module):
-    """Weights of 5, 15 and 3 rows: uneven dim-0 shards over 2 ranks (3+2, 8+7, 2+1)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 5, 3, padding=1)
-        self.fc1 = nn.Linear(5 * 4 * 4, 15)
-        self.fc2 = nn.Linear(15, 3)
-
-    def forward(self, x):
-        h = F.gelu(self.conv(x)).flatten(1)
-        return self.fc2(F.gelu(self.fc1(h)))
-
-
 def build_model() -> nn.Module:
     torch.manual_seed(1234)
-    return sk.apply_sara(SmallNet(), sk.SaRAConfig(fraction=0.3))  # every layer has entries in both shards
+    # Weights of 5, 15 and 3 rows: uneven dim-0 shards over 2 ranks (3+2, 8+7, 2+1).
+    model = ConvNet(5, 15, 3, norm=False)
+    return sk.apply_sara(model, sk.SaRAConfig(fraction=0.3))  # every layer has entries in both shards
 
 
 def make_batch() -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -10,28 +11,38 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHMARKS = os.path.join(ROOT, "benchmarks")
+
+
+def _run_benchmark(script: str, *args: str, timeout: int = 600, env: dict | None = None):
+    """``python benchmarks/<script> <args>`` from the repository root; it must exit 0."""
+    result = subprocess.run(
+        [sys.executable, os.path.join(BENCHMARKS, script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def _benchmark_modules(*names: str) -> list:
+    """The named benchmark scripts, imported (with benchmarks/ on sys.path only meanwhile)."""
+    sys.path.insert(0, BENCHMARKS)
+    try:
+        return [importlib.import_module(name) for name in names]
+    finally:
+        sys.path.remove(BENCHMARKS)
 
 
 def test_unet_benchmark_quick_runs_and_reports(tmp_path):
     pytest.importorskip("diffusers")
     out = tmp_path / "unet.json"
-    result = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "benchmarks", "bench_unet.py"),
-            "--quick",
-            "--methods",
-            "frozen,full,sara",
-            "--no-charts",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
+    _run_benchmark(
+        "bench_unet.py", "--quick", "--methods", "frozen,full,sara", "--no-charts", "--out", str(out)
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
     rows = report["results"]
     assert set(rows) >= {"frozen", "full", "sara"}
@@ -46,15 +57,10 @@ def test_unet_benchmark_quick_runs_and_reports(tmp_path):
 def test_dit_benchmark_quick_runs_and_reports(tmp_path, workload):
     pytest.importorskip("diffusers")
     out = tmp_path / f"dit_{workload}.json"
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_unet.py"), "--workload", workload, "--quick"]
-        + ["--methods", "frozen,lora,sara", "--no-charts", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    _run_benchmark(
+        "bench_unet.py", "--workload", workload, "--quick",
+        "--methods", "frozen,lora,sara", "--no-charts", "--out", str(out),
+    )  # fmt: skip
     rows = json.loads(out.read_text())["results"]
     assert set(rows) == {"frozen", "lora", "sara"}
     assert rows["frozen"]["family"] == workload.split("_")[0]
@@ -67,15 +73,9 @@ def test_dit_benchmark_quick_runs_and_reports(tmp_path, workload):
 def test_memory_budget_benchmark_runs(tmp_path):
     pytest.importorskip("diffusers")
     out = tmp_path / "budget.json"
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_memory_budget.py"), "--budgets", "0.01"]
-        + ["--methods", "sara", "--no-charts", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
+    _run_benchmark(
+        "bench_memory_budget.py", "--budgets", "0.01", "--methods", "sara", "--no-charts", "--out", str(out)
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
     sara = report["budgets"]["0.01"]["sara"]
     assert sara["state_bytes"] > 0 and sara["peak_overhead_bytes"] > 0
@@ -89,12 +89,8 @@ def test_real_scale_configs_are_the_published_sizes():
     import diffusers
     import torch
 
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        import bench_real_scale
-        from _unet_bench import WORKLOADS
-    finally:
-        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    bench_real_scale, ub = _benchmark_modules("bench_real_scale", "_unet_bench")
+    WORKLOADS = ub.WORKLOADS
     classes = {"unet": diffusers.UNet2DConditionModel, "sd3": diffusers.SD3Transformer2DModel}
     counts = {}
     for name, (workload, _) in bench_real_scale.MODELS.items():
@@ -108,22 +104,7 @@ def test_gpu_kernel_benchmark_quick_runs_on_cpu(tmp_path):
     # The GPU kernel benchmark's code paths (every section, the JSON and the summary) on tiny CPU
     # shapes, so that the script a GPU session runs does not rot between sessions.
     out = tmp_path / "kernels.json"
-    result = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "benchmarks", "bench_gpu_kernels.py"),
-            "--quick",
-            "--device",
-            "cpu",
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = _run_benchmark("bench_gpu_kernels.py", "--quick", "--device", "cpu", "--json", str(out))
     report = json.loads(out.read_text())
     kinds = {row["kind"] for row in report["rows"]}
     assert kinds == {"ceil", "linear", "conv", "adamw", "step"}
@@ -152,12 +133,8 @@ def test_gpu_kernel_benchmark_sd15_shapes_match_diffusers():
     import torch
     from diffusers import UNet2DConditionModel
 
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        import bench_gpu_kernels
-        from _unet_bench import WORKLOADS
-    finally:
-        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    bench_gpu_kernels, ub = _benchmark_modules("bench_gpu_kernels", "_unet_bench")
+    WORKLOADS = ub.WORKLOADS
     with torch.device("meta"):
         unet = UNet2DConditionModel(**WORKLOADS["sd15"][0])
     shapes = collections.Counter(
@@ -175,16 +152,9 @@ def test_adamw_profile_driver_runs_on_cpu(tmp_path):
         pytest.skip("the profile driver times the native kernels")
     out = tmp_path / "profile.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # Triton's interpreter is slow
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "profile_adamw.py"), "--device", "cpu", "--small"]
-        + ["--reps", "2", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-        env=env,
+    _run_benchmark(
+        "profile_adamw.py", "--device", "cpu", "--small", "--reps", "2", "--json", str(out), env=env
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = {row["variant"]: row for row in json.loads(out.read_text())["rows"]}
     assert set(rows) == {
         "native sparse_adamw_",
@@ -195,14 +165,7 @@ def test_adamw_profile_driver_runs_on_cpu(tmp_path):
 
 
 def test_trainer_overhead_benchmark_quick_runs():
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_trainer_overhead.py"), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = _run_benchmark("bench_trainer_overhead.py", "--quick", timeout=300)
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert {row["rule"] for row in report["apply_sara"]} == {"threshold", "global fraction", "per-layer fraction"}
     assert all(row["seconds"] > 0 for row in report["apply_sara"])
@@ -213,15 +176,10 @@ def test_adapter_switch_benchmark_quick_runs(tmp_path):
     pytest.importorskip("diffusers")
     pytest.importorskip("peft")
     out = tmp_path / "switch.json"
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_adapter_switch.py"), "--workload", "tiny"]
-        + ["--repeats", "1", "--switches", "2", "--no-chart", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    _run_benchmark(
+        "bench_adapter_switch.py", "--workload", "tiny",
+        "--repeats", "1", "--switches", "2", "--no-chart", "--out", str(out),
+    )  # fmt: skip
     rows = json.loads(out.read_text())["results"]
     assert set(rows) == {"sara", "lora"}
     for row in rows.values():

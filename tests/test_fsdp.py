@@ -3,19 +3,15 @@ sharded run must follow the single-process run on the whole batch; unsupported u
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
+from helpers import load_module, run_workers
 
 import sara_kernels as sk
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 
 
 def _skip_without_fsdp2() -> None:
@@ -27,32 +23,13 @@ def _skip_without_fsdp2() -> None:
         pytest.skip("torch.distributed.fsdp.fully_shard (FSDP2) is not available")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _launch(mode: str, out) -> list[dict]:
+    _skip_without_fsdp2()
+    return run_workers("fsdp_worker.py", mode, out)
 
 
 def _worker():
-    spec = importlib.util.spec_from_file_location("sara_fsdp_worker", os.path.join(HERE, "fsdp_worker.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _launch(mode: str, out) -> list[dict]:
-    _skip_without_fsdp2()
-    env = dict(
-        os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
-    )
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        os.path.join(HERE, "fsdp_worker.py"), "--mode", mode, "--out", str(out),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return [torch.load(out / f"{mode}_rank{r}.pt") for r in range(2)]
+    return load_module("sara_fsdp_worker", os.path.join(HERE, "fsdp_worker.py"))
 
 
 @pytest.mark.parametrize("optimizer", ["sparse_adamw", "adamw"])

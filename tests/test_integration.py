@@ -5,32 +5,23 @@ UNet end to end (train, merge, save/load, adapters), and the training memory sca
 from __future__ import annotations
 
 import copy
-import importlib.util
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import (
+    TINY_MODELS,
+    load_module,
+    one_thread_per_module,  # noqa: F401 (an autouse fixture)
+    run_workers,
+)
 from torch import nn
 
 import sara_kernels as sk
 from sara_kernels.nn import SparseDeltaConv2d, SparseDeltaLinear
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models here are tiny: one intra-op thread avoids OpenMP barrier stalls (tens of ms per
-    op) when the CPU is shared, and makes the suite's runtime predictable."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,17 +154,9 @@ def test_autocast_bf16_matches_dense_model():
 # ---------------------------------------------------------------------------------------------
 # Tiny diffusers UNet
 # ---------------------------------------------------------------------------------------------
+#: The SD1.5-style tiny UNet with wider attention (32 context channels, heads of 8).
 UNET_CONFIG = dict(
-    sample_size=8,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    cross_attention_dim=32,
-    attention_head_dim=8,
-    norm_num_groups=8,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    TINY_MODELS["sd15_unet"][1], in_channels=4, out_channels=4, cross_attention_dim=32, attention_head_dim=8
 )
 TYPICAL_ABS_W = 0.03  # with theta = 2e-3 about 3-4% of a uniform-ish weight is selected
 
@@ -316,19 +299,6 @@ def test_torch_compile_fullgraph_matches_eager():
 # ---------------------------------------------------------------------------------------------
 # 6. DDP and accelerate (2 CPU processes, gloo)
 # ---------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _load_worker():
-    spec = importlib.util.spec_from_file_location("sara_ddp_worker", os.path.join(HERE, "ddp_worker.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("reselect", [False, True], ids=["plain", "reselect"])
 @pytest.mark.parametrize("mode", ["ddp", "accelerate"])
 def test_distributed_data_parallel(mode, reselect, tmp_path):
@@ -339,19 +309,9 @@ def test_distributed_data_parallel(mode, reselect, tmp_path):
         pytest.importorskip("accelerate")
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
-    env = dict(
-        os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
-    )
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        os.path.join(HERE, "ddp_worker.py"), "--mode", mode, "--out", str(tmp_path),
-    ] + (["--reselect"] if reselect else [])  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    ranks = [torch.load(tmp_path / f"{mode}_rank{r}.pt") for r in range(2)]
+    ranks = run_workers("ddp_worker.py", mode, tmp_path, *(["--reselect"] if reselect else []))
 
-    worker = _load_worker()
+    worker = load_module("sara_ddp_worker", os.path.join(HERE, "ddp_worker.py"))
     reference = worker.build_model()
     opt = sk.SparseAdamW(sk.sparse_parameters(reference), lr=worker.LR)
     x, y = worker.make_batch()

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DEVICE_BACKENDS
+from helpers import build_tiny
 from test_ops import _index, _random
 from test_trainer_safety import assert_merged
 from torch import nn
@@ -632,9 +633,7 @@ def _count(model, types):
 
 def test_svd_unet_converts_every_conv3d():
     pytest.importorskip("diffusers")
-    from test_architectures import build
-
-    unet = build("svd")
+    unet = build_tiny("svd")
     conv3d = _count(unet, nn.Conv3d)
     assert conv3d > 0
     sk.apply_sara(unet, sk.SaRAConfig(fraction=0.05))
@@ -662,21 +661,8 @@ def test_svd_unet_converts_every_conv3d():
 
 
 def test_wan_transformer_patch_embedding_and_scale_shift_tables():
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    config = dict(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=4,
-        out_channels=4,
-        text_dim=16,
-        freq_dim=16,
-        ffn_dim=32,
-        num_layers=2,
-        rope_max_seq_len=32,
-    )
-    wan = diffusers.WanTransformer3DModel(**config)
+    pytest.importorskip("diffusers")
+    wan = build_tiny("wan")
     sk.apply_sara(wan, sk.SaRAConfig(fraction=0.1))
     assert isinstance(wan.patch_embedding, SparseDeltaConv3d)
     tables = {
@@ -685,8 +671,7 @@ def test_wan_transformer_patch_embedding_and_scale_shift_tables():
     assert tables[("WanTransformerBlock", "scale_shift_table")].count == 2
     assert tables[("WanTransformer3DModel", "scale_shift_table")].unsupported
     # trained densely instead
-    torch.manual_seed(0)
-    wan = diffusers.WanTransformer3DModel(**config)
+    wan = build_tiny("wan")
     sk.apply_sara(wan, sk.SaRAConfig(fraction=0.1, train_parameters=["scale_shift_table"]))
     names = [name for name, _ in wan.sara_summary.trained_parameters]
     assert names == ["scale_shift_table", "blocks.0.scale_shift_table", "blocks.1.scale_shift_table"]
@@ -701,9 +686,7 @@ def test_wan_transformer_patch_embedding_and_scale_shift_tables():
 
 def test_pixart_scale_shift_tables_by_pattern():
     pytest.importorskip("diffusers")
-    from test_architectures import build
-
-    pixart = build("pixart")
+    pixart = build_tiny("pixart")
     linear_and_conv = _count(pixart, (nn.Linear, nn.Conv2d))
     sk.apply_sara(
         pixart, sk.SaRAConfig(fraction=0.1, train_parameters="transformer_blocks.*.scale_shift_table")

@@ -5,6 +5,7 @@ import functools
 
 import pytest
 import torch
+from helpers import one_thread
 from torch import nn
 
 from sara_kernels.nn import SparseDeltaConv2d, SparseDeltaLinear
@@ -17,10 +18,8 @@ METHODS = ["svd", "polar"]
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """The matrices here are tiny: one intra-op thread is faster, and robust to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_thread():
+        yield
 
 
 def _linear(out_f, in_f, density, *, seed=0, bias=True, scale=1e-2):

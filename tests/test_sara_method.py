@@ -13,22 +13,12 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import one_thread_per_module  # noqa: F401 (an autouse fixture)
 from torch import nn
 
 import sara_kernels as sk
 from sara_kernels import _backend, _ops
 from sara_kernels.nn import SparseDeltaConv2d, SparseDeltaLinear
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models here are tiny: one intra-op thread avoids OpenMP barrier stalls (tens of ms per
-    op) when the CPU is shared, and makes the suite's runtime predictable."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 # ---------------------------------------------------------------------------------------------
 # A small model with the module kinds SaRA meets in a UNet: a conv, a norm, linears with and

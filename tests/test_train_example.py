@@ -15,17 +15,16 @@ script cover everything; the tests below read what they wrote:
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+from helpers import load_module, one_thread, torchrun_command
 
 import sara_kernels as sk
 from sara_kernels.training_state import FILE_NAME, read_training_state
@@ -45,20 +44,11 @@ THRESHOLD = 2e-3
 SEED = 7
 
 
-def _load_module(name: str, path: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """The subprocesses run with one thread: so do the recomputations here (bit-exact comparisons)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -66,17 +56,11 @@ def example():
     """The script and the tiny-model builder as modules (importing the script configures logging)."""
     root_level = logging.getLogger().level
     modules = (
-        _load_module("train_sara_example", SCRIPT),
-        _load_module("make_tiny_model_example", os.path.join(EXAMPLE, "make_tiny_model.py")),
+        load_module("train_sara_example", SCRIPT),
+        load_module("make_tiny_model_example", os.path.join(EXAMPLE, "make_tiny_model.py")),
     )
     logging.getLogger().setLevel(root_level)
     return modules
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _launch(args: list[str], log: str, processes: int = 1) -> tuple[subprocess.Popen, str]:
@@ -87,10 +71,7 @@ def _launch(args: list[str], log: str, processes: int = 1) -> tuple[subprocess.P
         command = [sys.executable, SCRIPT, *args]
     else:
         env["ACCELERATE_USE_CPU"] = "1"  # accelerate's multi-CPU (gloo) mode under torchrun
-        command = [
-            sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(processes),
-            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), SCRIPT, *args,
-        ]  # fmt: skip
+        command = torchrun_command(SCRIPT, *args, processes=processes)
     handle = open(log, "w")
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
     handle.close()

@@ -18,6 +18,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import ConvNet
 from torch import nn
 
 import sara_kernels as sk
@@ -26,29 +27,16 @@ from sara_kernels.nn import SparseDeltaConv2d, SparseDeltaLinear, SparseStateWar
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 6, 3, padding=1)
-        self.norm = nn.GroupNorm(2, 6)
-        self.fc1 = nn.Linear(6 * 4 * 4, 20)
-        self.fc2 = nn.Linear(20, 5)
-
-    def forward(self, x):
-        h = F.gelu(self.norm(self.conv(x))).flatten(1)
-        return self.fc2(F.gelu(self.fc1(h)))
-
-
-def base_net(seed: int = 0) -> Net:
+def base_net(seed: int = 0) -> ConvNet:
     torch.manual_seed(seed)
-    return Net()
+    return ConvNet(6, 20, 5)
 
 
 CONFIG = dict(fraction=0.1)
 LR = 2e-3  # re-selection after 4 steps keeps about 2/3 of the entries
 
 
-def sara_net(seed: int = 0, **config) -> Net:
+def sara_net(seed: int = 0, **config) -> ConvNet:
     return sk.apply_sara(base_net(seed), sk.SaRAConfig(**(config or CONFIG)))
 
 
