@@ -191,6 +191,7 @@ class Runner:
                     ):
                         return call(index)
 
+                row = dict(kind=kind, shape=shape, variant=label, density=density, k=k)
                 try:
                     result = run()
                     if check is None:
@@ -200,27 +201,15 @@ class Runner:
                     ms = bench_ms(run, self.device, self.reps)
                     gms = graph_ms(run, self.device)
                 except Exception as exc:  # recorded, never hidden: the summary lists failures
-                    self.record(
-                        kind=kind,
-                        shape=shape,
-                        variant=label,
-                        ms=None,
-                        density=density,
-                        k=k,
-                        error=repr(exc)[:300],
-                    )
+                    self.record(**row, ms=None, error=repr(exc)[:300])
                     print(f"    FAILED: {exc!r}"[:400], flush=True)
                     continue
                 ok = math.isfinite(err) and err < 2e-2
                 if not ok:
                     print(f"    MISMATCH: rel err {err:.3e} against {self.variants[0][0]}", flush=True)
                 self.record(
-                    kind=kind,
-                    shape=shape,
-                    variant=label,
+                    **row,
                     ms=ms,
-                    density=density,
-                    k=k,
                     vs_dense=ms / dense_ms,
                     dense_ms=dense_ms,
                     graph_ms=gms,
@@ -427,19 +416,8 @@ def step_rows(runner: Runner, dtype: torch.dtype, quick: bool) -> None:
     print(f"  step: {shape}", flush=True)
 
     def record(variant: str, ms: float, graph: float | None = None, **extra) -> None:
-        runner.record(
-            kind="step",
-            shape=shape,
-            variant=variant,
-            density=ADAMW_DENSITY,
-            ms=ms,
-            graph_ms=graph,
-            layers=n_layers,
-            k=k,
-            numel=numel,
-            us_per_layer=1e3 * ms / n_layers,
-            **extra,
-        )
+        step = dict(kind="step", shape=shape, variant=variant, density=ADAMW_DENSITY, layers=n_layers)
+        runner.record(**step, ms=ms, graph_ms=graph, k=k, numel=numel, us_per_layer=1e3 * ms / n_layers, **extra)
 
     for backend in optimizer_backends(device):
         # foreach (the default): one sparse_adamw_multi_ call for all layers; per layer: one

@@ -30,6 +30,7 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
+
 class IndexChecks(enum.IntEnum):
     """The values of the index-check setting (the native kernels read the same codes)."""
 
@@ -250,17 +251,6 @@ def check_contiguous_weight(op: str, weight: torch.Tensor, name: str = "weight")
             f"sara_kernels.{op}: {name} must be contiguous (indices address {name}.view(-1)); "
             f"got strides {weight.stride()} for shape {tuple(weight.shape)}"
         )
-
-
-def pair(op: str, name: str, value: int | Sequence[int]) -> list[int]:
-    if isinstance(value, int):
-        return [value, value]
-    value = list(value)
-    if len(value) == 1:
-        value = value * 2
-    if len(value) != 2 or not all(isinstance(v, int) for v in value):
-        raise ValueError(f"sara_kernels.{op}: {name} must be an int or a pair of ints, got {value}")
-    return value
 
 
 def conv2d_output_size(
@@ -612,4 +602,3 @@ VALIDATORS = {
     "scatter_merge_": check_merge,
     "restore_": check_restore,
 }
-

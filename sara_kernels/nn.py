@@ -1197,16 +1197,8 @@ class SparseDeltaLinear(_SparseDeltaMixin, nn.Linear):
         threshold: float | None = None,
         k: int | None = None,
     ):
-        super().__init__(
-            in_features,
-            out_features,
-            bias=bias,
-            device=device,
-            dtype=dtype,
-            index=index,
-            threshold=threshold,
-            k=k,
-        )
+        layer = dict(bias=bias, device=device, dtype=dtype)
+        super().__init__(in_features, out_features, **layer, index=index, threshold=threshold, k=k)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._maybe_merge()

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from sara_kernels import _ops  # noqa: F401  (registers the ops)
-from sara_kernels._checks import pair
+from sara_kernels._checks import AdamWHyper
 
 _ops_ns = torch.ops.sara_kernels
 
@@ -56,40 +56,6 @@ def sampled_weight_grad_linear(
     return _ops_ns.sampled_weight_grad_linear(grad_out, x, index, out_features, in_features)
 
 
-def sampled_weight_grad_conv2d(
-    grad_out: torch.Tensor,
-    x: torch.Tensor,
-    index: torch.Tensor,
-    weight_shape: Sequence[int],
-    stride: int | Sequence[int] = 1,
-    padding: int | Sequence[int] = 0,
-    dilation: int | Sequence[int] = 1,
-    groups: int = 1,
-) -> torch.Tensor:
-    """The gradient of a Conv2d weight at the selected entries only.
-
-    Args:
-        grad_out: ``[N, out, P, Q]`` gradient of the convolution output.
-        x: ``[N, in, H, W]`` convolution input.
-        index: ``[k]`` flat indices into the ``[out, in/groups, kh, kw]`` weight.
-        weight_shape, stride, padding, dilation, groups: as for ``torch.nn.functional.conv2d``.
-
-    Returns:
-        ``[k]`` fp32 (fp64 for fp64 inputs): ``conv2d_weight_grad.view(-1)[index]``.
-    """
-    op = "sampled_weight_grad_conv2d"
-    return _ops_ns.sampled_weight_grad_conv2d(
-        grad_out,
-        x,
-        index,
-        [int(s) for s in weight_shape],
-        pair(op, "stride", stride),
-        pair(op, "padding", padding),
-        pair(op, "dilation", dilation),
-        int(groups),
-    )
-
-
 def _ints(op: str, name: str, value: int | Sequence[int], dims: int) -> list[int]:
     if isinstance(value, int) and not isinstance(value, bool):
         return [value] * dims
@@ -101,25 +67,54 @@ def _ints(op: str, name: str, value: int | Sequence[int], dims: int) -> list[int
     return value
 
 
-def _sampled_conv_nd(dims, grad_out, x, index, weight_shape, stride, padding, dilation, groups):
-    op = f"sampled_weight_grad_conv{dims}d"
-    geometry = [
+def _geometry(op: str, dims: int, stride, padding, dilation) -> list[list[int]]:
+    return [
         _ints(op, n, v, dims) for n, v in (("stride", stride), ("padding", padding), ("dilation", dilation))
     ]
-    composite = _ops.sampled_weight_grad_conv1d if dims == 1 else _ops.sampled_weight_grad_conv3d
-    return composite(grad_out, x, index, [int(s) for s in weight_shape], *geometry, int(groups))
 
 
-def sampled_weight_grad_conv1d(
-    grad_out: torch.Tensor,
-    x: torch.Tensor,
-    index: torch.Tensor,
-    weight_shape: Sequence[int],
-    stride: int | Sequence[int] = 1,
-    padding: int | Sequence[int] = 0,
-    dilation: int | Sequence[int] = 1,
-    groups: int = 1,
-) -> torch.Tensor:
+def _sampled_conv(dims: int, doc: str):
+    """The public sampled gradient of a ``dims``-D convolution: the conv2d op, or its exact
+    reduction to it for 1-D and 3-D (one signature for the three)."""
+    op = f"sampled_weight_grad_conv{dims}d"
+    run = {1: _ops.sampled_weight_grad_conv1d, 2: _ops_ns.sampled_weight_grad_conv2d}.get(
+        dims, _ops.sampled_weight_grad_conv3d
+    )
+
+    def sampled_weight_grad_conv(
+        grad_out: torch.Tensor,
+        x: torch.Tensor,
+        index: torch.Tensor,
+        weight_shape: Sequence[int],
+        stride: int | Sequence[int] = 1,
+        padding: int | Sequence[int] = 0,
+        dilation: int | Sequence[int] = 1,
+        groups: int = 1,
+    ) -> torch.Tensor:
+        geometry = _geometry(op, dims, stride, padding, dilation)
+        return run(grad_out, x, index, [int(s) for s in weight_shape], *geometry, int(groups))
+
+    sampled_weight_grad_conv.__name__ = sampled_weight_grad_conv.__qualname__ = op
+    sampled_weight_grad_conv.__doc__ = doc
+    return sampled_weight_grad_conv
+
+
+sampled_weight_grad_conv2d = _sampled_conv(
+    2,
+    """The gradient of a Conv2d weight at the selected entries only.
+
+    Args:
+        grad_out: ``[N, out, P, Q]`` gradient of the convolution output.
+        x: ``[N, in, H, W]`` convolution input.
+        index: ``[k]`` flat indices into the ``[out, in/groups, kh, kw]`` weight.
+        weight_shape, stride, padding, dilation, groups: as for ``torch.nn.functional.conv2d``.
+
+    Returns:
+        ``[k]`` fp32 (fp64 for fp64 inputs): ``conv2d_weight_grad.view(-1)[index]``.
+    """,
+)
+sampled_weight_grad_conv1d = _sampled_conv(
+    1,
     """The gradient of a Conv1d weight at the selected entries only (the conv2d op, height 1).
 
     Args:
@@ -129,20 +124,10 @@ def sampled_weight_grad_conv1d(
 
     Returns:
         ``[k]`` fp32 (fp64 for fp64 inputs).
-    """
-    return _sampled_conv_nd(1, grad_out, x, index, weight_shape, stride, padding, dilation, groups)
-
-
-def sampled_weight_grad_conv3d(
-    grad_out: torch.Tensor,
-    x: torch.Tensor,
-    index: torch.Tensor,
-    weight_shape: Sequence[int],
-    stride: int | Sequence[int] = 1,
-    padding: int | Sequence[int] = 0,
-    dilation: int | Sequence[int] = 1,
-    groups: int = 1,
-) -> torch.Tensor:
+    """,
+)
+sampled_weight_grad_conv3d = _sampled_conv(
+    3,
     """The gradient of a Conv3d weight at the selected entries only: per temporal tap, the conv2d
     op over the frames that tap reads, batched over (N, T_out).
 
@@ -153,8 +138,8 @@ def sampled_weight_grad_conv3d(
 
     Returns:
         ``[k]`` fp32 (fp64 for fp64 inputs).
-    """
-    return _sampled_conv_nd(3, grad_out, x, index, weight_shape, stride, padding, dilation, groups)
+    """,
+)
 
 
 def sampled_weight_grad_embedding(
@@ -227,18 +212,8 @@ def sparse_conv2d(
         x: ``[N, in, H, W]``; weight: ``[out, in/groups, kh, kw]`` (frozen, merged);
         bias: ``[out]`` or None; index: ``[k]``; delta: ``[k]``.
     """
-    op = "sparse_conv2d"
-    return _ops_ns.sparse_conv2d(
-        x,
-        weight,
-        bias,
-        index,
-        delta,
-        pair(op, "stride", stride),
-        pair(op, "padding", padding),
-        pair(op, "dilation", dilation),
-        int(groups),
-    )
+    geometry = _geometry("sparse_conv2d", 2, stride, padding, dilation)
+    return _ops_ns.sparse_conv2d(x, weight, bias, index, delta, *geometry, int(groups))
 
 
 def sparse_adamw_(
@@ -251,13 +226,9 @@ def sparse_adamw_(
     exp_avg_sq: torch.Tensor,
     *,
     step: float,
-    lr: float,
-    beta1: float = 0.9,
-    beta2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 1e-2,
+    lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 1e-2,
     maximize: bool = False,
-) -> None:
+) -> None:  # fmt: skip
     """One fused AdamW step on the compact vectors, then write the merged value into ``weight``.
 
     Same arithmetic as ``torch.optim.AdamW`` (bias correction; decoupled weight decay acting on
@@ -270,22 +241,8 @@ def sparse_adamw_(
         delta, grad, exp_avg, exp_avg_sq: ``[k]`` fp32; delta and the moments updated in place.
         step: the step number, counted from 1 (after incrementing).
     """
-    _ops_ns.sparse_adamw_(
-        weight,
-        index,
-        base,
-        delta,
-        grad,
-        exp_avg,
-        exp_avg_sq,
-        step=float(step),
-        lr=float(lr),
-        beta1=float(beta1),
-        beta2=float(beta2),
-        eps=float(eps),
-        weight_decay=float(weight_decay),
-        maximize=bool(maximize),
-    )
+    hyper = AdamWHyper(lr, beta1, beta2, eps, weight_decay, maximize).scalars()
+    _ops_ns.sparse_adamw_(weight, index, base, delta, grad, exp_avg, exp_avg_sq, step=float(step), **hyper)
 
 
 def sparse_adamw_multi_(
@@ -298,13 +255,9 @@ def sparse_adamw_multi_(
     exp_avg_sqs: Sequence[torch.Tensor],
     *,
     steps: Sequence[float],
-    lr: float,
-    beta1: float = 0.9,
-    beta2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 1e-2,
+    lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 1e-2,
     maximize: bool = False,
-) -> None:
+) -> None:  # fmt: skip
     """:func:`sparse_adamw_` over many tensor sets (one per layer) in one call.
 
     Set ``i`` is ``(weights[i], indices[i], bases[i], deltas[i], grads[i], exp_avgs[i],
@@ -318,22 +271,9 @@ def sparse_adamw_multi_(
         len(x) == 0 for x in (indices, bases, deltas, grads, exp_avgs, exp_avg_sqs, steps)
     ):
         return  # nothing to do (and no tensor to dispatch on)
-    _ops_ns.sparse_adamw_multi_(
-        list(weights),
-        list(indices),
-        list(bases),
-        list(deltas),
-        list(grads),
-        list(exp_avgs),
-        list(exp_avg_sqs),
-        steps=[float(step) for step in steps],
-        lr=float(lr),
-        beta1=float(beta1),
-        beta2=float(beta2),
-        eps=float(eps),
-        weight_decay=float(weight_decay),
-        maximize=bool(maximize),
-    )
+    lists = [list(x) for x in (weights, indices, bases, deltas, grads, exp_avgs, exp_avg_sqs)]
+    hyper = AdamWHyper(lr, beta1, beta2, eps, weight_decay, maximize).scalars()
+    _ops_ns.sparse_adamw_multi_(*lists, steps=[float(step) for step in steps], **hyper)
 
 
 def scatter_merge_(

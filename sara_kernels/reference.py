@@ -51,25 +51,6 @@ def sampled_weight_grad_linear(
     return dense.reshape(-1)[index.long()]
 
 
-def sampled_weight_grad_conv2d(
-    grad_out: torch.Tensor,
-    x: torch.Tensor,
-    index: torch.Tensor,
-    weight_shape: Sequence[int],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    groups: int,
-) -> torch.Tensor:
-    """grad_out: [N, O, P, Q], x: [N, C, H, W] -> [k]: conv2d weight gradient at index."""
-    check_range("sampled_weight_grad_conv2d", index, math.prod(int(s) for s in weight_shape))
-    acc = accumulate_dtype(grad_out, x)
-    dense = torch.nn.grad.conv2d_weight(
-        x.to(acc), list(weight_shape), grad_out.to(acc), stride, padding, dilation, groups
-    )
-    return dense.reshape(-1)[index.long()]
-
-
 def sampled_weight_grad_conv_nd(
     grad_out: torch.Tensor,
     x: torch.Tensor,
@@ -82,10 +63,11 @@ def sampled_weight_grad_conv_nd(
 ) -> torch.Tensor:
     """grad_out: [N, O, *out], x: [N, C, *in] (1, 2 or 3 spatial dims) -> [k]: the dense weight
     gradient (``torch.nn.grad.conv{1,2,3}d_weight``) at index."""
-    check_range("sampled_weight_grad_conv_nd", index, math.prod(int(s) for s in weight_shape))
+    dims = len(weight_shape) - 2
+    check_range(f"sampled_weight_grad_conv{dims}d", index, math.prod(int(s) for s in weight_shape))
     acc = accumulate_dtype(grad_out, x)
     dense_weight_grad = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight}.get(
-        len(weight_shape) - 2, torch.nn.grad.conv3d_weight
+        dims, torch.nn.grad.conv3d_weight
     )
     dense = dense_weight_grad(
         x.to(acc), list(weight_shape), grad_out.to(acc), stride, padding, dilation, groups
@@ -93,14 +75,18 @@ def sampled_weight_grad_conv_nd(
     return dense.reshape(-1)[index.long()]
 
 
+#: grad_out: [N, O, P, Q], x: [N, C, H, W] -> [k]: the conv2d weight gradient at index.
+sampled_weight_grad_conv2d = sampled_weight_grad_conv_nd
+
+
 def sampled_weight_grad_embedding(
-    grad_out: torch.Tensor,
-    indices: torch.Tensor,
-    index: torch.Tensor,
+    grad_out,
+    indices,
+    index,
     num_embeddings: int,
     embedding_dim: int,
-    padding_idx: int | None = None,
-    scale_grad_by_freq: bool = False,
+    padding_idx=None,
+    scale_grad_by_freq=False,
 ) -> torch.Tensor:
     """grad_out: [..., D], indices: [...] -> [k]: torch's dense embedding weight gradient at index."""
     check_range("sampled_weight_grad_embedding", index, num_embeddings * embedding_dim)
@@ -123,18 +109,7 @@ def _merged_values(base: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype, 
     return (base.to(acc) + d).to(dtype)
 
 
-def sparse_adamw_(
-    weight: torch.Tensor,
-    index: torch.Tensor,
-    base: torch.Tensor,
-    delta: torch.Tensor,
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    *,
-    step: float,
-    **hyper,
-) -> None:
+def sparse_adamw_(weight, index, base, delta, grad, exp_avg, exp_avg_sq, *, step: float, **hyper) -> None:
     """One AdamW step on the compact vectors, with torch.optim.AdamW's arithmetic, then write back
     (``hyper``: the :class:`~sara_kernels._checks.AdamWHyper` fields)."""
     check_range("sparse_adamw_", index, weight.numel())
@@ -143,16 +118,7 @@ def sparse_adamw_(
 
 
 def sparse_adamw_multi_(
-    weights: Sequence[torch.Tensor],
-    indices: Sequence[torch.Tensor],
-    bases: Sequence[torch.Tensor],
-    deltas: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    exp_avgs: Sequence[torch.Tensor],
-    exp_avg_sqs: Sequence[torch.Tensor],
-    *,
-    steps: Sequence[float],
-    **hyper,
+    weights, indices, bases, deltas, grads, exp_avgs, exp_avg_sqs, *, steps, **hyper
 ) -> None:
     """:func:`sparse_adamw_` on each tensor set in turn, set ``i`` at step ``steps[i]`` (every
     set's index range is checked before any set is written)."""
@@ -164,15 +130,7 @@ def sparse_adamw_multi_(
         sparse_adamw_(weight, index, base, delta, grad, exp_avg, exp_avg_sq, step=step, **hyper)
 
 
-def adamw_update_(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    *,
-    step: float,
-    **hyper,
-) -> None:
+def adamw_update_(param, grad, exp_avg, exp_avg_sq, *, step: float, **hyper) -> None:
     """torch.optim.AdamW's single-tensor arithmetic on any tensor (bias correction, decoupled decay)."""
     lr, beta1, beta2, eps, weight_decay, maximize = AdamWHyper(**hyper)
     if maximize:

@@ -10,8 +10,8 @@
 #     ./build or the in-place CPU build), with TORCH_CUDA_ARCH_LIST=9.0 and MAX_JOBS=2 (both
 #     overridable from the environment).
 #  4. Checks the result: the build really compiled the CUDA sources, the .so holds sm_90 cubins for
-#     every .cu file and the host stubs of every kernel, and importing it registers a CUDA kernel
-#     for every native op (torch.ops.sara_kernels_C.*; no GPU is needed for that).
+#     every .cu file and the host stubs of every kernel, and importing it registers a C++ CUDA
+#     kernel under every kernel op (torch.ops.sara_kernels.*; no GPU is needed for that).
 # Exits non-zero on any failure. Called from .ci/run. (Here-strings, not `echo | grep -q`: under
 # pipefail the early exit of grep -q can fail the pipeline with SIGPIPE.)
 set -euo pipefail
@@ -138,7 +138,8 @@ import os
 import sys
 
 import torch
-import sara_kernels._C  # registers torch.ops.sara_kernels_C.*
+import sara_kernels  # declares torch.ops.sara_kernels.*; its _C registers the native kernels
+import sara_kernels._C
 
 built = os.path.realpath(sys.argv[1])
 if os.path.realpath(sara_kernels._C.__file__) != built:
@@ -146,10 +147,19 @@ if os.path.realpath(sara_kernels._C.__file__) != built:
 
 ops = ["select_small_magnitude", "sampled_weight_grad_linear", "sampled_weight_grad_conv2d",
        "sparse_adamw_", "sparse_adamw_multi_", "scatter_merge_", "restore_"]
-missing = [op for op in ops
-           if not torch._C._dispatch_has_kernel_for_dispatch_key(f"sara_kernels_C::{op}", "CUDA")]
+
+def cuda_kernel_is_native(op):
+    """The op's CUDA kernel was registered from csrc/cuda (not the Python fallback of _ops.py)."""
+    for line in torch._C._dispatch_dump(f"sara_kernels::{op}").splitlines():
+        if line.startswith("CUDA:"):
+            return "/csrc/cuda/" in line
+    return False
+
+
+missing = [op for op in ops if not cuda_kernel_is_native(op)]
 if missing:
     raise SystemExit(f"no CUDA kernel registered for: {', '.join(missing)}")
+assert sara_kernels.backends()["native"]["cuda_kernels"] is True
 print(f"check_cuda_build: CUDA kernels registered for {len(ops)} ops (torch {torch.__version__})")
 EOF
 

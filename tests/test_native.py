@@ -496,14 +496,22 @@ def test_linear_tiled_skewed_selection(dtype, index_dtype):
 
 
 @cuda_only
-def test_linear_tiled_needs_all_rows_in_one_window():
-    # More output rows than shared memory holds next to the x rows: the tiled variant refuses by
-    # name (auto takes gemm there).
-    gen = torch.Generator().manual_seed(45)
-    out_f, in_f, n = 3001, 1203, 5
+@pytest.mark.parametrize(
+    "seed,out_f,in_f,n,match",
+    [
+        # More output rows than shared memory holds next to the x rows.
+        (45, 3001, 1203, 5, r"variant 3 \(tiled\) needs .* out_features=3001"),
+        # in_features whose x rows alone exceed shared memory.
+        (44, 3, 4000, 2, r"variant 3 \(tiled\) needs"),
+    ],
+    ids=["too-many-rows", "too-wide"],
+)
+def test_linear_tiled_refuses_layers_it_cannot_stage(seed, out_f, in_f, n, match):
+    # The tiled variant refuses by name; auto takes gemm there.
+    gen = torch.Generator().manual_seed(seed)
     g, x = rand(n, out_f, gen=gen, device="cuda"), rand(n, in_f, gen=gen, device="cuda")
     index = make_index(out_f * in_f, 0.001, gen, device="cuda")
-    with pytest.raises(ValueError, match=r"variant 3 \(tiled\) needs .* out_features=3001"):
+    with pytest.raises(ValueError, match=match):
         run_linear("cuda", g, x, index, out_f, in_f, "tiled")
     check_linear("cuda", g, x, index, out_f, in_f, "auto")
     assert _backend.last_run("sampled_weight_grad_linear") == ("cuda", "gemm")
@@ -533,20 +541,6 @@ def test_linear_tiled_bounded_partials(workspace):
     index = make_index(out_f * in_f, 0.05, gen, device="cuda")
     with _backend.native_settings(workspace_bytes=workspace):
         check_linear("cuda", g, x, index, out_f, in_f, "tiled")
-
-
-@cuda_only
-def test_linear_tiled_rejects_too_wide_layers():
-    # in_features whose x rows alone exceed shared memory: a clear error naming the variant, and
-    # auto falls back to gemm.
-    gen = torch.Generator().manual_seed(44)
-    out_f, in_f, n = 3, 4000, 2
-    g, x = rand(n, out_f, gen=gen, device="cuda"), rand(n, in_f, gen=gen, device="cuda")
-    index = make_index(out_f * in_f, 0.001, gen, device="cuda")
-    with pytest.raises(ValueError, match=r"variant 3 \(tiled\) needs"):
-        run_linear("cuda", g, x, index, out_f, in_f, "tiled")
-    check_linear("cuda", g, x, index, out_f, in_f, "auto")
-    assert _backend.last_run("sampled_weight_grad_linear") == ("cuda", "gemm")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1499,23 +1493,9 @@ def test_error_messages_spell_numbers_and_shapes(device):
     def z():
         return torch.zeros(3, device=device)
 
-    def adamw(step=1.0, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
-        ops.sparse_adamw_(
-            w,
-            index,
-            base,
-            z(),
-            z(),
-            z(),
-            z(),
-            step=step,
-            lr=lr,
-            beta1=beta1,
-            beta2=beta2,
-            eps=eps,
-            weight_decay=weight_decay,
-            maximize=False,
-        )
+    def adamw(step=1.0, **hyper):
+        hyper = {**dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0), **hyper}
+        ops.sparse_adamw_(w, index, base, z(), z(), z(), z(), step=step, maximize=False, **hyper)
 
     cases = [
         (

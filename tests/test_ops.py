@@ -200,7 +200,7 @@ def test_sampled_weight_grad_conv2d(device, backend, case, density, dtype):
     with sara_kernels.use_backend(backend):
         got = sk.sampled_weight_grad_conv2d(g, x, index, weight_shape, stride, padding, dilation, groups)
     assert _ops.last_backend["sampled_weight_grad_conv2d"] == backend
-    s, p, d = (sara_kernels._checks.pair("t", "v", v) for v in (stride, padding, dilation))
+    s, p, d = sk._geometry("t", 2, stride, padding, dilation)
     want = reference.sampled_weight_grad_conv2d(g, x, index, weight_shape, s, p, d, groups)
     tol = _grad_tolerance(dtype, N * out.shape[2] * out.shape[3], g, x)
     if backend == "cuda" and dtype in (torch.float16, torch.bfloat16):

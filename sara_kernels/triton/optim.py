@@ -44,6 +44,13 @@ def _to_bf16_rtne(x):
 
 
 @triton.jit
+def _block(k, BLOCK: tl.constexpr):
+    """This program's entries (int64 offsets, so k may pass 2**31) and which of them exist."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    return offs, offs < k
+
+
+@triton.jit
 def _round_to_weight(x, OUT_BF16: tl.constexpr, OUT_FP16: tl.constexpr):
     """Round an fp32/fp64 value for a store into the weight, as torch rounds it.
 
@@ -87,9 +94,7 @@ def _sparse_adamw_kernel(
     OUT_FP16: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < k
+    offs, mask = _block(k, BLOCK)
     g = tl.load(grad_ptr + offs, mask=mask, other=0.0)
     delta = tl.load(delta_ptr + offs, mask=mask, other=0.0)
     m = tl.load(exp_avg_ptr + offs, mask=mask, other=0.0)
@@ -121,18 +126,7 @@ def _sparse_adamw_kernel(
     tl.store(weight_ptr + idx, _round_to_weight(merged, OUT_BF16, OUT_FP16), mask=inside)
 
 
-def sparse_adamw_(
-    weight: torch.Tensor,
-    index: torch.Tensor,
-    base: torch.Tensor,
-    delta: torch.Tensor,
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    *,
-    step: float,
-    **hyper,
-) -> None:
+def sparse_adamw_(weight, index, base, delta, grad, exp_avg, exp_avg_sq, *, step: float, **hyper) -> None:
     """One AdamW step on the compact fp32 vectors (in place), then weight[index] = base + delta."""
     k = index.numel()
     if k == 0:
@@ -202,9 +196,7 @@ def _scatter_merge_kernel(
     OUT_FP16: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < k
+    offs, mask = _block(k, BLOCK)
     idx = tl.load(index_ptr + offs, mask=mask, other=0).to(tl.int64)
     base = tl.load(base_ptr + offs, mask=mask, other=0.0)
     delta = tl.load(delta_ptr + offs, mask=mask, other=0.0)
@@ -259,9 +251,7 @@ def scatter_merge_(
 
 @triton.jit
 def _restore_kernel(weight_ptr, index_ptr, base_ptr, k, numel, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < k
+    offs, mask = _block(k, BLOCK)
     idx = tl.load(index_ptr + offs, mask=mask, other=0).to(tl.int64)
     base = tl.load(base_ptr + offs, mask=mask, other=0.0)
     tl.store(weight_ptr + idx, base, mask=mask & (idx >= 0) & (idx < numel))

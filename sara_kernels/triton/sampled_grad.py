@@ -86,6 +86,17 @@ def _finish(out: torch.Tensor, splits: int) -> torch.Tensor:
 # Linear: grad[j] = sum_n grad_out[n, r_j] * x[n, c_j],  (r_j, c_j) = divmod(index[j], in_features)
 # ---------------------------------------------------------------------------------------------
 @triton.jit
+def _entries(index_ptr, k, numel, BLOCK_K: tl.constexpr):
+    """This program's reduction slice, its block of entries (offsets, which exist), their flat
+    indices in int64, and which of those address the weight (an index outside [0, numel) reads
+    nothing: its entry stays 0)."""
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < k
+    idx = tl.load(index_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
+    return tl.program_id(1), offs_k, mask_k, idx, mask_k & (idx >= 0) & (idx < numel)
+
+
+@triton.jit
 def _sampled_grad_linear_kernel(
     g_ptr,  # [N, out] grad_out
     x_ptr,  # [N, in]
@@ -103,13 +114,8 @@ def _sampled_grad_linear_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid_k = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask_k = offs_k < k
     # int64 before any multiply: out * in (and N * stride) can exceed 2**31 on large layers.
-    idx = tl.load(index_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
-    valid_k = mask_k & (idx >= 0) & (idx < numel)
+    pid_s, offs_k, mask_k, idx, valid_k = _entries(index_ptr, k, numel, BLOCK_K)
     row = idx // in_features
     col = idx - row * in_features
 
@@ -137,50 +143,39 @@ def _sampled_grad_linear_kernel(
     tl.store(out_ptr + pid_s.to(tl.int64) * k + offs_k, result, mask=mask_k)
 
 
-def _linear_direct(
-    grad_out: torch.Tensor,
-    x: torch.Tensor,
-    index: torch.Tensor,
-    out_features: int,
-    in_features: int,
-    splits: int | None = None,
-) -> torch.Tensor:
-    """The Triton kernel: grad_out: [N, out], x: [N, in], index: [k] -> [k] (fp32, or fp64 for fp64
-    inputs). ``splits`` forces the number of reduction splits (tests); by default it is chosen to
-    fill the GPU."""
+def _run_split(kernel, grad_out, x, index, length, block_k, block_len, splits, geometry, **meta):
+    """Launch a direct kernel on ``[k blocks, splits]`` programs, each summing one slice of the
+    reduction of ``length`` terms, and add the slices: ``[k]`` (fp32, or fp64 for fp64 inputs).
+    ``geometry(grad_out, x, per)`` gives the kernel's arguments after ``out, k`` (from the
+    contiguous inputs); ``splits`` forces the number of slices (tests), else it fills the GPU."""
     acc = _acc_dtype(x)
     k = index.numel()
-    N = x.shape[0]
-    if k == 0 or N == 0:
+    if k == 0 or length == 0:
         return torch.zeros(k, dtype=acc, device=x.device)
-    grad_out = grad_out.contiguous()
-    x = x.contiguous()
-    index = index.contiguous()
-    k_blocks = triton.cdiv(k, LINEAR_BLOCK_K)
+    grad_out, x, index = grad_out.contiguous(), x.contiguous(), index.contiguous()
+    k_blocks = triton.cdiv(k, block_k)
     if splits is None:
-        splits = _num_splits(k_blocks, N, LINEAR_BLOCK_N, x)
-    splits, per = _split_bounds(N, max(1, splits), LINEAR_BLOCK_N)
+        splits = _num_splits(k_blocks, length, block_len, x)
+    splits, per = _split_bounds(length, max(1, splits), block_len)
     out = torch.empty((splits, k), dtype=acc, device=x.device)
     with device_guard(x):
-        _sampled_grad_linear_kernel[(k_blocks, splits)](
-            grad_out,
-            x,
-            index,
-            out,
-            k,
-            N,
-            out_features * in_features,
-            in_features,
-            grad_out.stride(0),
-            x.stride(0),
-            LINEAR_BLOCK_N * grad_out.stride(0),
-            LINEAR_BLOCK_N * x.stride(0),
-            per,
-            BLOCK_K=LINEAR_BLOCK_K,
-            BLOCK_N=LINEAR_BLOCK_N,
-            num_warps=NUM_WARPS,
-        )
+        kernel[(k_blocks, splits)](grad_out, x, index, out, k, *geometry(grad_out, x, per), **meta)
     return _finish(out, splits)
+
+
+def _linear_direct(grad_out, x, index, out_features: int, in_features: int, splits: int | None = None):
+    """The Triton kernel: grad_out: [N, out], x: [N, in], index: [k] -> [k]."""
+    N = x.shape[0]
+
+    def geometry(g, xx, per):
+        s_g, s_x = g.stride(0), xx.stride(0)
+        steps = LINEAR_BLOCK_N * s_g, LINEAR_BLOCK_N * s_x  # the pointer tiles' advance per chunk
+        return N, out_features * in_features, in_features, s_g, s_x, *steps, per
+
+    return _run_split(
+        _sampled_grad_linear_kernel, grad_out, x, index, N, LINEAR_BLOCK_K, LINEAR_BLOCK_N, splits, geometry,
+        BLOCK_K=LINEAR_BLOCK_K, BLOCK_N=LINEAR_BLOCK_N, num_warps=NUM_WARPS,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,13 +210,8 @@ def _sampled_grad_conv2d_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
-    pid_k = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask_k = offs_k < k
     # Decode each entry once per program (int64: the weight may hold >= 2**31 entries).
-    idx = tl.load(index_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
-    valid_k = mask_k & (idx >= 0) & (idx < numel)
+    pid_s, offs_k, mask_k, idx, valid_k = _entries(index_ptr, k, numel, BLOCK_K)
     kj = idx % KW
     rest = idx // KW
     ki = rest % KH
@@ -271,66 +261,22 @@ def _sampled_grad_conv2d_kernel(
     tl.store(out_ptr + pid_s.to(tl.int64) * k + offs_k, result, mask=mask_k)
 
 
-def _conv2d_direct(
-    grad_out: torch.Tensor,
-    x: torch.Tensor,
-    index: torch.Tensor,
-    weight_shape,
-    stride,
-    padding,
-    dilation,
-    groups: int,
-    splits: int | None = None,
-) -> torch.Tensor:
+def _conv2d_direct(grad_out, x, index, weight_shape, stride, padding, dilation, groups: int, splits=None):
     """The Triton kernel: grad_out: [N, O, P, Q], x: [N, C, H, W], index: [k] -> [k] entries of the
     conv2d weight gradient."""
-    acc = _acc_dtype(x)
-    k = index.numel()
     N, C, H, W = x.shape
     O, Cg, KH, KW = (int(s) for s in weight_shape)
     P, Q = grad_out.shape[2], grad_out.shape[3]
     T = N * P * Q
-    if k == 0 or T == 0:
-        return torch.zeros(k, dtype=acc, device=x.device)
-    grad_out = grad_out.contiguous()
-    x = x.contiguous()
-    index = index.contiguous()
-    k_blocks = triton.cdiv(k, CONV_BLOCK_K)
-    if splits is None:
-        splits = _num_splits(k_blocks, T, CONV_BLOCK_T, x)
-    splits, per = _split_bounds(T, max(1, splits), CONV_BLOCK_T)
-    out = torch.empty((splits, k), dtype=acc, device=x.device)
-    with device_guard(x):
-        _sampled_grad_conv2d_kernel[(k_blocks, splits)](
-            grad_out,
-            x,
-            index,
-            out,
-            k,
-            O * Cg * KH * KW,
-            T,
-            O,
-            C,
-            H,
-            W,
-            P,
-            Q,
-            Cg,
-            KH,
-            KW,
-            O // groups,
-            int(stride[0]),
-            int(stride[1]),
-            int(padding[0]),
-            int(padding[1]),
-            int(dilation[0]),
-            int(dilation[1]),
-            per,
-            BLOCK_K=CONV_BLOCK_K,
-            BLOCK_T=CONV_BLOCK_T,
-            num_warps=NUM_WARPS,
-        )
-    return _finish(out, splits)
+
+    def geometry(g, xx, per):
+        conv = [int(v) for v in (*stride, *padding, *dilation)]  # sh, sw, ph, pw, dh, dw
+        return O * Cg * KH * KW, T, O, C, H, W, P, Q, Cg, KH, KW, O // groups, *conv, per
+
+    return _run_split(
+        _sampled_grad_conv2d_kernel, grad_out, x, index, T, CONV_BLOCK_K, CONV_BLOCK_T, splits, geometry,
+        BLOCK_K=CONV_BLOCK_K, BLOCK_T=CONV_BLOCK_T, num_warps=NUM_WARPS,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,14 +388,7 @@ def _check_variant(op: str, variant: int) -> None:
 
 
 def sampled_weight_grad_linear(
-    grad_out: torch.Tensor,
-    x: torch.Tensor,
-    index: torch.Tensor,
-    out_features: int,
-    in_features: int,
-    *,
-    splits: int | None = None,
-    variant: int = 0,
+    grad_out, x, index, out_features: int, in_features: int, *, splits: int | None = None, variant: int = 0
 ) -> torch.Tensor:
     """grad_out: [N, out], x: [N, in], index: [k] -> [k] (fp32, or fp64 for fp64 inputs).
 
