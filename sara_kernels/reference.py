@@ -80,15 +80,10 @@ sampled_weight_grad_conv2d = sampled_weight_grad_conv_nd
 
 
 def sampled_weight_grad_embedding(
-    grad_out,
-    indices,
-    index,
-    num_embeddings: int,
-    embedding_dim: int,
-    padding_idx=None,
-    scale_grad_by_freq=False,
-) -> torch.Tensor:
-    """grad_out: [..., D], indices: [...] -> [k]: torch's dense embedding weight gradient at index."""
+    grad_out, indices, index, num_embeddings, embedding_dim, padding_idx, scale
+):
+    """grad_out: [..., D], indices: [...] -> [k]: torch's dense embedding weight gradient at index
+    (``scale``: ``scale_grad_by_freq``)."""
     check_range("sampled_weight_grad_embedding", index, num_embeddings * embedding_dim)
     acc = accumulate_dtype(grad_out)
     dense = torch.ops.aten.embedding_dense_backward(
@@ -96,7 +91,7 @@ def sampled_weight_grad_embedding(
         indices.reshape(-1).long(),
         num_embeddings,
         -1 if padding_idx is None else padding_idx,
-        scale_grad_by_freq,
+        scale,
     )
     return dense.reshape(-1)[index.long()]
 
