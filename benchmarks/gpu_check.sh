@@ -81,7 +81,7 @@ if [ -z "${SKIP_TESTS:-}" ]; then
   # pytest -k expression) narrow the run. -v keeps every result in the log even when the time
   # limit cuts the run short; -rf --tb=short lists the failures at the end.
   timeout "${TEST_TIMEOUT:-240}" "$PY" -m pytest \
-    ${TEST_FILES:-tests/test_cuda_native.py tests/test_ops.py tests/test_triton.py} ${TEST_K:+-k "$TEST_K"} \
+    ${TEST_FILES:-tests/test_native.py tests/test_ops.py tests/test_triton.py} ${TEST_K:+-k "$TEST_K"} \
     -v -rf --tb=short -p no:cacheprovider $xdist $tmo >"$OUT/tests.log" 2>&1
   test_rc=$?
   echo "passed: $(grep -c ' PASSED ' "$OUT/tests.log"); failed: $(grep -c ' FAILED ' "$OUT/tests.log")"

@@ -1,6 +1,7 @@
-"""What several test modules, and the distributed workers they launch, build the same way: a thread
-limit, a small conv + MLP net, the tiny diffusers models, loading a script as a module, and a
-2-process ``torch.distributed.run`` launch on the CPU.
+"""What several test modules, and the distributed workers they launch, build the same way: random
+inputs (values never zero, sorted indices without duplicates) and the tolerances of the sampled
+gradients, a thread limit, a small conv + MLP net, the tiny diffusers models, loading a script as a
+module, and a 2-process ``torch.distributed.run`` launch on the CPU.
 
 The tests import it as ``helpers`` (pytest puts ``tests/`` on ``sys.path``); the workers, run as
 scripts from ``tests/``, find it next to them.
@@ -24,6 +25,51 @@ from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+
+
+def random_values(shape, dtype=torch.float32, device="cpu", scale=1.0, *, generator=None) -> torch.Tensor:
+    """Random values bounded away from zero (|v| in [0.1, 1] * scale, either sign): a missing or
+    extra term always shows."""
+    t = torch.rand(shape, dtype=torch.float64, generator=generator) * 0.9 + 0.1
+    sign = torch.where(torch.rand(shape, generator=generator) < 0.5, -1.0, 1.0).double()
+    return (t * sign * scale).to(dtype=dtype, device=device)
+
+
+def random_normal(*shape, dtype=torch.float32, gen=None, device="cpu") -> torch.Tensor:
+    """Random normal values, never exactly zero (|v| < 1e-3 becomes 0.5)."""
+    t = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    t = torch.where(t.abs() < 1e-3, torch.full_like(t, 0.5), t)
+    return t.to(dtype).to(device)
+
+
+def random_index(
+    numel: int, density, device="cpu", dtype=torch.int32, *, generator=None, minimum=0
+) -> torch.Tensor:
+    """A random index into ``numel`` entries, sorted, without duplicates. ``density``: a fraction,
+    an int count, ``"none"`` or ``"one"``; at least ``minimum`` entries."""
+    if density == "none":
+        k = 0
+    elif density == "one":
+        k = 1
+    elif isinstance(density, int):
+        k = density
+    else:
+        k = round(numel * density)
+    k = max(minimum, min(numel, k))
+    return torch.randperm(numel, generator=generator)[:k].sort().values.to(dtype=dtype, device=device)
+
+
+def grad_tol(device: str, dtype, terms: int) -> dict:
+    """fp32 (fp64) sums of ``terms`` products against the exact fp64 sum: the CPU kernels sum in
+    a fixed order close to the reference's, the CUDA kernels in split / tensor-core orders."""
+    t = max(terms, 1)
+    if device == "cpu":
+        if dtype == torch.float64:
+            return dict(rtol=1e-10, atol=1e-10 * t)
+        return dict(rtol=2e-5, atol=2e-6 * t)
+    if dtype == torch.float64:
+        return dict(rtol=1e-9, atol=1e-10 * t)
+    return dict(rtol=1e-4, atol=1e-6 + 2e-6 * t)
 
 
 @contextlib.contextmanager

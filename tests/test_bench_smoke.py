@@ -190,3 +190,14 @@ def test_adapter_switch_benchmark_quick_runs(tmp_path):
     assert [
         b / e for b, e in zip(sara["resident_bytes_per_adapter"], sara["entries_per_adapter"], strict=True)
     ] == [8.0] * 3
+
+
+def test_layer_overhead_benchmark_runs_and_reports(tmp_path):
+    out = tmp_path / "overhead.json"
+    _run_benchmark(
+        "bench_layer_overhead.py", "--calls", "20", "--layers", "4", "--steps", "2", "--repeats", "1",
+        "--out", str(out),
+    )  # fmt: skip
+    report = json.loads(out.read_text())
+    assert set(report["sparse_over_dense"]) == {"forward", "forward+backward"}
+    assert all(us > 0 for us in report["us_per_call"].values())

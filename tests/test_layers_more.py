@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from conftest import DEVICE_BACKENDS
 from helpers import build_tiny
-from test_ops import _index, _random
+from helpers import random_index as _index
+from helpers import random_values as _random
 from test_trainer_safety import assert_merged
 from torch import nn
 

@@ -30,9 +30,12 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 import torch
+from helpers import grad_tol, random_index
+from helpers import random_normal as rand
 
 import sara_kernels
 from sara_kernels import _backend, _ops, reference
@@ -88,39 +91,13 @@ HP = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, maximize
 # ---------------------------------------------------------------------------------------------
 # Helpers (tests/helpers.py does not exist on this branch)
 # ---------------------------------------------------------------------------------------------
-def rand(*shape, dtype=torch.float32, gen=None, device="cpu"):
-    """Random normal values, never exactly zero (so a missing term always shows)."""
-    t = torch.randn(*shape, generator=gen, dtype=torch.float64)
-    t = torch.where(t.abs() < 1e-3, torch.full_like(t, 0.5), t)
-    return t.to(dtype).to(device)
-
-
 def make_index(numel: int, density, gen, dtype=torch.int32, device="cpu") -> torch.Tensor:
-    """A random sorted index without duplicates into ``numel`` entries: none, one, or a density."""
-    if density == "none":
-        k = 0
-    elif density == "one":
-        k = 1
-    else:
-        k = max(1, round(density * numel))
-    return torch.randperm(numel, generator=gen)[:k].sort().values.to(dtype).to(device)
+    """A random sorted index without duplicates: none, one, or a density (at least one entry)."""
+    return random_index(numel, density, device, dtype, generator=gen, minimum=0 if density == "none" else 1)
 
 
 def acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def grad_tol(device: str, dtype, terms: int):
-    """fp32 (fp64) sums of ``terms`` products against the exact fp64 sum: the CPU kernels sum in
-    a fixed order close to the reference's, the CUDA kernels in split / tensor-core orders."""
-    t = max(terms, 1)
-    if device == "cpu":
-        if dtype == torch.float64:
-            return dict(rtol=1e-10, atol=1e-10 * t)
-        return dict(rtol=2e-5, atol=2e-6 * t)
-    if dtype == torch.float64:
-        return dict(rtol=1e-9, atol=1e-10 * t)
-    return dict(rtol=1e-4, atol=1e-6 + 2e-6 * t)
 
 
 def conv_tol(device: str, dtype, terms: int, variant: str):
@@ -1642,7 +1619,11 @@ def test_whole_floats_spelled_as_python():
 def test_native_settings_are_checked_and_restored():
     names = ("grad_variant", "index_checks", "index_checks_default", "workspace_bytes")
     before = {name: _backend.native_setting(name) for name in names}
-    assert before["index_checks"] == -1  # this thread never set its own: the process default holds
+    seen = []  # a new thread has not set its own: the process default holds there
+    worker = threading.Thread(target=lambda: seen.append(_backend.native_setting("index_checks")))
+    worker.start()
+    worker.join()
+    assert seen == [-1]
     cases = (
         ("index_checks", 3, r"\[-1, 2\]"),
         ("index_checks_default", -1, r"\[0, 2\]"),

@@ -15,26 +15,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DEVICE_BACKENDS
+from helpers import random_index as _index
+from helpers import random_values as _random
 
 import sara_kernels
 from sara_kernels import _ops, reference
 from sara_kernels import ops as sk
 
 FP = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def _random(shape, dtype=torch.float32, device="cpu", scale=1.0):
-    """Random values bounded away from zero (never zeros)."""
-    t = torch.rand(shape, dtype=torch.float64) * 0.9 + 0.1
-    t = t * torch.where(torch.rand(shape) < 0.5, -1.0, 1.0).double() * scale
-    return t.to(dtype=dtype, device=device)
-
-
-def _index(numel: int, density: float | int, device="cpu", dtype=torch.int32) -> torch.Tensor:
-    """Sorted unique random indices; density is a fraction, or an int count."""
-    k = density if isinstance(density, int) else int(round(numel * density))
-    k = max(0, min(numel, k))
-    return torch.randperm(numel)[:k].sort().values.to(dtype=dtype, device=device)
 
 
 def _grad_tolerance(dtype, n_terms, g, x):
