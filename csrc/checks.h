@@ -348,16 +348,16 @@ inline std::vector<int64_t> conv_output_size(const char* op, c10::IntArrayRef x_
 inline void conv2d(const char* op, const at::Tensor& x, c10::IntArrayRef weight_shape, c10::IntArrayRef stride,
                    c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
                    const at::Tensor* grad_out = nullptr) {
-  bool positive = weight_shape.size() == 4;
-  for (auto s : weight_shape) positive = positive && s > 0;
-  TORCH_CHECK_VALUE(positive, prefix(op), "weight_shape must be 4 positive ints [out, in/groups, kh, kw], got ",
-                    list(weight_shape));
-  TORCH_CHECK_VALUE(x.dim() == 4, prefix(op), "x must be 4-D [N, C, H, W], got shape ", tuple(x.sizes()));
   const char* what[] = {"stride", "padding", "dilation"};
   const c10::IntArrayRef values[] = {stride, padding, dilation};
   for (int i = 0; i < 3; ++i) {
     TORCH_CHECK_VALUE(values[i].size() == 2, prefix(op), what[i], " must have 2 entries, got ", list(values[i]));
   }
+  bool positive = weight_shape.size() == 4;
+  for (auto s : weight_shape) positive = positive && s > 0;
+  TORCH_CHECK_VALUE(positive, prefix(op), "weight_shape must be 4 positive ints [out, in/groups, kh, kw], got ",
+                    list(weight_shape));
+  TORCH_CHECK_VALUE(x.dim() == 4, prefix(op), "x must be 4-D [N, C, H, W], got shape ", tuple(x.sizes()));
   TORCH_CHECK_VALUE(groups > 0 && weight_shape[0] % groups == 0, prefix(op), "groups=", num(groups),
                     " must be positive and divide the ", num(weight_shape[0]), " output channels");
   TORCH_CHECK_VALUE(x.size(1) == weight_shape[1] * groups, prefix(op), "x has ", num(x.size(1)),

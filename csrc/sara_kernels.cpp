@@ -42,11 +42,17 @@ Run runs[kMaxOps];
 std::atomic<int> run_count{0};
 std::mutex run_lock;
 
-Run& run_slot(const char* op) {
+// The op's slot, or nullptr when it never ran (a read never allocates).
+const Run* find_slot(const char* op) {
   const int n = run_count.load(std::memory_order_acquire);
   for (int i = 0; i < n; ++i) {
-    if (runs[i].name == op) return runs[i];
+    if (runs[i].name == op) return &runs[i];
   }
+  return nullptr;
+}
+
+Run& run_slot(const char* op) {
+  if (const Run* found = find_slot(op)) return const_cast<Run&>(*found);
   const std::lock_guard<std::mutex> guard(run_lock);
   const int m = run_count.load(std::memory_order_relaxed);
   for (int i = 0; i < m; ++i) {
@@ -104,8 +110,9 @@ int64_t setting(const std::string& name, std::optional<int64_t> value) {
 // variant 0 none. With backend given, records that a Python kernel (reference, Triton) runs op.
 std::vector<int64_t> last_run(const std::string& op, std::optional<int64_t> backend) {
   if (backend.has_value()) record(op.c_str(), *backend, 0);
-  const Run& r = run_slot(op.c_str());
-  return {r.backend.load(std::memory_order_relaxed), r.variant.load(std::memory_order_relaxed)};
+  const Run* r = find_slot(op.c_str());
+  if (r == nullptr) return {0, 0};
+  return {r->backend.load(std::memory_order_relaxed), r->variant.load(std::memory_order_relaxed)};
 }
 }  // namespace
 

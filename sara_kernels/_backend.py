@@ -167,17 +167,30 @@ def _check_name(name: str, where: str) -> str:
     return name
 
 
-_forced_stack: list[str] = []  # use_backend's, innermost last (process-wide)
+#: use_backend's blocks in force, the latest entered last (process-wide): one entry per block,
+#: removed by that block on exit, so blocks in several threads may end in any order.
+_forced_blocks: list[list[str]] = []
 _env_forced: str | None = None
-_env_library = None  # the kernels SARA_KERNELS_BACKEND installed
+_library = None  # the override kernels in force (for forced_backend()), or None
 _override_lock = threading.RLock()
 
 
 def forced_backend() -> str | None:
-    """The backend forced by :func:`use_backend` (innermost) or ``SARA_KERNELS_BACKEND``, if any."""
-    if _forced_stack:
-        return _forced_stack[-1]
+    """The backend forced by :func:`use_backend` (the latest block still in force) or
+    ``SARA_KERNELS_BACKEND``, if any."""
+    if _forced_blocks:
+        return _forced_blocks[-1][0]
     return _env_forced
+
+
+def _reinstall() -> None:
+    """Make the registered override kernels those of forced_backend(): one library at a time, so
+    an inner block (a native backend, or auto) is never shadowed by an outer one's kernels."""
+    global _library
+    if _library is not None:
+        _library._destroy()
+        _library = None
+    _library = _install(forced_backend())
 
 
 def _env_backend() -> str | None:
@@ -213,23 +226,17 @@ def use_backend(name: str | None) -> Iterator[None]:
     """
     if name is not None and name != "auto":
         _check_name(name, "use_backend")
-    global _env_library
-    name = "auto" if name is None else name
+    block = ["auto" if name is None else name]
     with _override_lock:
-        env_library, _env_library = _env_library, None  # the block overrides the environment
-        if env_library is not None:
-            env_library._destroy()
-        library = _install(name)
-        _forced_stack.append(name)
+        _forced_blocks.append(block)
+        _reinstall()
     try:
         yield
     finally:
         with _override_lock:
-            _forced_stack.pop()
-            if library is not None:
-                library._destroy()
-            if env_library is not None:
-                _env_library = _install(_env_forced)
+            # This block's own entry (by identity), wherever it stands now.
+            del _forced_blocks[next(i for i, b in enumerate(_forced_blocks) if b is block)]
+            _reinstall()
 
 
 def _auto_order(device_type: str) -> tuple[str, ...]:
@@ -421,8 +428,8 @@ def use_grad_variant(name: str) -> Iterator[None]:
 
 def _apply_environment() -> None:
     """Read the environment once, at import: the forced backend, variant and native index checks."""
-    global _env_forced, _env_library
+    global _env_forced
     _set_variant(_env_variant())
     native_setting("index_checks_default", int(_checks.DEFAULT_INDEX_CHECKS))
     _env_forced = _env_backend()
-    _env_library = _install(_env_forced)
+    _reinstall()

@@ -137,14 +137,19 @@ def check_range(op: str, index: torch.Tensor, numel: int, name: str = "index") -
         )
 
 
-def check_index(op: str, index: torch.Tensor, numel: int, *, name: str = "index") -> None:
-    """index: int32/int64 [k], strictly increasing, every entry in [0, numel)."""
+def check_index_width(op: str, index: torch.Tensor, numel: int, *, name: str = "index") -> None:
+    """index: int32/int64 [k], wide enough for a weight of numel entries (its values unchecked)."""
     check_tensor(op, name, index, dtypes=INDEX_DTYPES, dim=1)
     if index.dtype == torch.int32 and numel > 2**31 - 1:
         raise TypeError(
             f"sara_kernels.{op}: {name} is int32 but the weight has {numel} entries (>= 2**31); "
             "use int64 indices"
         )
+
+
+def check_index(op: str, index: torch.Tensor, numel: int, *, name: str = "index") -> None:
+    """index: int32/int64 [k], strictly increasing, every entry in [0, numel)."""
+    check_index_width(op, index, numel, name=name)
     if not index_checks_enabled() or index.numel() == 0 or _is_fake(index):
         return
     if torch.compiler.is_compiling():
@@ -590,7 +595,7 @@ def check_sparse_layer(op, x, weight, bias, index, delta):
                 f"sara_kernels.{op}: bias has {bias.shape[0]} entries but weight has {weight.shape[0]} outputs"
             )
     check_same_device(op, x=x, weight=weight, bias=bias, index=index, delta=delta)
-    check_index(op, index, weight.numel())
+    check_index_width(op, index, weight.numel())  # the values: by the sampled gradient that reads them
 
 
 VALIDATORS = {

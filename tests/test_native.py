@@ -1570,6 +1570,21 @@ def test_native_errors_match_the_validator(device):
         lambda: ops.sampled_weight_grad_conv2d(
             g, x[:, :, :1, :1].contiguous(), t([0]), [6, 4, 3, 3], [1, 1], [0, 0], [1, 1], 1
         ),
+        # Two faults at once: the first one checked is the same on both paths (stride's length).
+        lambda: ops.sampled_weight_grad_conv2d(g, x, t([0, 2]), [6, 4, 3], [1, 1, 1], [1, 1], [1, 1], 1),
+        # A written tensor that shares memory with a strided read-only one.
+        lambda: ops.restore_(w.view(-1), t([1, 3, 5]), w.view(-1)[10:16:2]),
+        lambda: ops.sparse_adamw_multi_(
+            [w.clone(), w.clone()],
+            [idx, idx],
+            [base, base],
+            [z(), z()],
+            [z(), z()],
+            [z(), z()],
+            [z(), z()],
+            steps=[1.0, 0.0],
+            **hp,
+        ),  # fmt: skip
         lambda: ops.scatter_merge_(w.clone(), idx, base, z().half(), 1.0),
         lambda: ops.scatter_merge_(w.clone(), idx, base, z(), float("nan")),
         lambda: ops.restore_(w.clone(), t([1, 3, 20]), base),
@@ -1917,3 +1932,14 @@ def test_backends_reports_the_variant_each_sampled_gradient_ran(device):
     assert info["forced"] == "auto" and info["last"][conv] is None
     assert set(info["auto_rules"]) == {"cpu", "cuda", "triton"}
     assert _backend.last_run("sparse_linear") == (None, None)  # an op no kernel recorded
+
+
+def test_asking_what_ran_never_changes_the_record():
+    """Reading the record of an op that never ran allocates nothing: any number of reads leaves
+    every kernel recording as before."""
+    for i in range(100):
+        assert _backend.last_run(f"never_ran_{i}") == (None, None)
+    g, x = rand(4, 3), rand(4, 5)
+    with sara_kernels.use_backend("cpu"):
+        sara_kernels.ops.sampled_weight_grad_linear(g, x, make_index(15, 0.5, None), 3, 5)
+    assert _backend.last_run("sampled_weight_grad_linear")[0] == "cpu"

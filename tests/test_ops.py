@@ -702,6 +702,50 @@ def test_the_environment_forces_a_backend_at_import():
     assert done.returncode != 0 and "SARA_KERNELS_BACKEND" in done.stderr
 
 
+def test_an_inner_use_backend_wins_over_an_outer_one():
+    """A native backend or auto forced inside another forced backend runs (the outer block's
+    kernels do not shadow it), and the outer one is back when the inner block ends."""
+    g, x = _random((4, 3)), _random((4, 5))
+    index = _index(15, 3)
+    native = sara_kernels.backends()["ops"]["cpu"]["sampled_weight_grad_linear"]
+
+    def ran():
+        sk.sampled_weight_grad_linear(g, x, index, 3, 5)
+        return _ops.last_backend["sampled_weight_grad_linear"]
+
+    with sara_kernels.use_backend("reference"):
+        assert ran() == "reference"
+        for inner in ("cpu", None):
+            with sara_kernels.use_backend(inner):
+                assert ran() == native
+            assert ran() == "reference"
+    assert ran() == native
+
+
+def test_use_backend_blocks_in_threads_may_end_in_any_order():
+    """The forced backend is process-wide; each block removes its own entry, so a block that ends
+    first in one thread leaves another thread's block in force."""
+    import threading
+
+    entered, a_done = threading.Event(), threading.Event()
+    seen = {}
+
+    def b():
+        with sara_kernels.use_backend("cpu"):
+            entered.set()
+            a_done.wait(30)
+            seen["b"] = sara_kernels.backends()["forced"]
+
+    thread = threading.Thread(target=b)
+    with sara_kernels.use_backend("reference"):
+        thread.start()
+        assert entered.wait(30)
+    a_done.set()
+    thread.join(30)
+    assert seen == {"b": "cpu"}
+    assert sara_kernels.backends()["forced"] in (None, "auto")
+
+
 def test_forcing_an_unusable_backend_is_an_error():
     with pytest.raises(ValueError, match="unknown backend"):
         with sara_kernels.use_backend("mkl"):

@@ -214,8 +214,14 @@ AdamSet checked_adam_set(const char* op, const AdamNames& n, const at::Tensor& w
                          const at::Tensor& base, const at::Tensor& delta, const at::Tensor& grad,
                          const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq) {
   check::adamw_set(op, n, weight, index, base, delta, grad, exp_avg, exp_avg_sq);
-  check_cuda(op, n.weight.c_str(), weight);
-  return {weight, index.contiguous(), base.contiguous(), delta, grad, exp_avg, exp_avg_sq};
+  return {weight, index, base, delta, grad, exp_avg, exp_avg_sq};
+}
+
+// After the overlap check on the arguments themselves: the index and base as the kernels read
+// them (contiguous; the other vectors are checked contiguous).
+void make_readable(AdamSet& set) {
+  set.index = set.index.contiguous();
+  set.base = set.base.contiguous();
 }
 
 // The written (weight, delta, moments) and read (index, base, grad) tensors of AdamW sets, for
@@ -267,8 +273,10 @@ void sparse_adamw_cuda(const at::Tensor& weight, const at::Tensor& index_in, con
                        double weight_decay, bool maximize) {
   const char* op = "sparse_adamw_";
   static const AdamNames names{};
-  const AdamSet set = checked_adam_set(op, names, weight, index_in, base_in, delta, grad_in, exp_avg, exp_avg_sq);
+  AdamSet set = checked_adam_set(op, names, weight, index_in, base_in, delta, grad_in, exp_avg, exp_avg_sq);
+  check_cuda(op, "weight", weight);
   check_no_overlap(op, {set}, {&names});
+  make_readable(set);
   check::step(op, "step", step);
   check::adamw_hyper(op, lr, beta1, beta2, eps, weight_decay);
   check::record("sparse_adamw_", 2);
@@ -372,10 +380,12 @@ void sparse_adamw_multi_cuda(at::TensorList weights, at::TensorList indices, at:
                                     exp_avg_sqs[i]));
     TORCH_CHECK(weights[i].device() == device, check::prefix(op), names[i]->weight, " is on ",
                 weights[i].device().str(), " but weights[0] is on ", device.str(), "; all tensors must be on one device");
+    check_cuda(op, names[i]->weight.c_str(), weights[i]);
     check::step(op, "steps[" + std::to_string(i) + "]", steps[i]);
     scalars.push_back(adam_scalars(steps[i], lr, beta1, beta2, eps, weight_decay, maximize));
   }
   check_no_overlap(op, sets, names);
+  for (AdamSet& set : sets) make_readable(set);
   const c10::cuda::CUDAGuard guard(device);
   const IndexCheckMode mode = index_check_mode();
   if (mode == IndexCheckMode::kSync) {
