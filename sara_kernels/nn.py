@@ -1202,8 +1202,11 @@ class SparseDeltaLinear(_SparseDeltaMixin, nn.Linear):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._maybe_merge()
-        index, delta = self._trainable()
-        p = self._parameters
+        p, b = self._parameters, self._buffers
+        if b["sparse_frozen_delta"].numel():  # re-selection froze some slots: train the first k
+            index, delta = self._trainable()
+        else:
+            index, delta = b["sparse_index"], p["sparse_delta"]
         return _sparse_linear(input, p["weight"], p["bias"], index, delta)
 
     def to_dense(self) -> nn.Linear:
