@@ -58,7 +58,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
-from sara_kernels import _checks, _ops, reference
+from sara_kernels import _autograd, _checks, _ops, reference  # noqa: F401  (_ops registers the ops)
 from sara_kernels import ops as sk
 
 #: Attribute of a delta: its ``_version`` when its layer's weight was last merged (None: stale).
@@ -1255,8 +1255,8 @@ class _SparseConvMixin(_SparseDeltaMixin):
 
     def _conv(self, input, index, delta, args):
         """Conv1d / Conv3d: their autograd Function (autocast as nn.ConvNd computes)."""
-        x, weight, bias = _ops.autocast_args((input, self.weight, self.bias), input.device.type)
-        return _ops.SparseConvFunction.apply(x, weight, bias, index, delta, *args)
+        x, weight, bias = _autograd.autocast_args((input, self.weight, self.bias), input.device.type)
+        return _autograd.SparseConvFunction.apply(x, weight, bias, index, delta, *args)
 
     def to_dense(self) -> nn.Module:
         """A plain ``nn.Conv1d/2d/3d`` holding the merged weight (a copy)."""
@@ -1360,7 +1360,7 @@ class SparseDeltaEmbedding(_SparseDeltaMixin, nn.Embedding):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._maybe_merge()
         index, delta = self._trainable()
-        return _ops.SparseEmbeddingFunction.apply(
+        return _autograd.SparseEmbeddingFunction.apply(
             input, self.weight, index, delta, self.padding_idx, self.scale_grad_by_freq
         )
 

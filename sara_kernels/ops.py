@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from sara_kernels import _ops  # noqa: F401  (registers the ops)
+from sara_kernels import _autograd, _ops  # noqa: F401  (_ops registers the ops)
 from sara_kernels._checks import AdamWHyper
 
 _ops_ns = torch.ops.sara_kernels
@@ -77,8 +77,8 @@ def _sampled_conv(dims: int, doc: str):
     """The public sampled gradient of a ``dims``-D convolution: the conv2d op, or its exact
     reduction to it for 1-D and 3-D (one signature for the three)."""
     op = f"sampled_weight_grad_conv{dims}d"
-    run = {1: _ops.sampled_weight_grad_conv1d, 2: _ops_ns.sampled_weight_grad_conv2d}.get(
-        dims, _ops.sampled_weight_grad_conv3d
+    run = {1: _autograd.sampled_weight_grad_conv1d, 2: _ops_ns.sampled_weight_grad_conv2d}.get(
+        dims, _autograd.sampled_weight_grad_conv3d
     )
 
     def sampled_weight_grad_conv(
@@ -163,7 +163,7 @@ def sampled_weight_grad_embedding(
     """
     if padding_idx is not None and padding_idx < 0:
         padding_idx += num_embeddings
-    return _ops.sampled_weight_grad_embedding(
+    return _autograd.sampled_weight_grad_embedding(
         grad_out,
         indices,
         index,

@@ -19,7 +19,7 @@ from test_trainer_safety import assert_merged
 from torch import nn
 
 import sara_kernels as sk
-from sara_kernels import _ops, reference
+from sara_kernels import _autograd, _ops, reference
 from sara_kernels import ops as sk_ops
 from sara_kernels.nn import SparseDeltaConv1d, SparseDeltaConv3d, SparseDeltaEmbedding
 
@@ -211,7 +211,7 @@ def test_conv_function_gradcheck(device, backend, dims, case):
     def f(x, b, delta):
         w = w0.clone()
         w.view(-1)[index.long()] += delta.detach()
-        return _ops.SparseConvFunction.apply(x, w, b, index, delta, stride, padding, dilation, groups)
+        return _autograd.SparseConvFunction.apply(x, w, b, index, delta, stride, padding, dilation, groups)
 
     x = _random((1, *shape[-(dims + 1) :]), torch.float64, device).requires_grad_()
     b = _random((dense.out_channels,), torch.float64, device).requires_grad_()
@@ -238,7 +238,7 @@ def test_embedding_function_gradcheck(kwargs, shape):
     def f(delta):
         w = w0.clone()
         w.view(-1)[index.long()] += delta.detach()
-        return _ops.SparseEmbeddingFunction.apply(
+        return _autograd.SparseEmbeddingFunction.apply(
             tokens, w, index, delta, dense.padding_idx, dense.scale_grad_by_freq
         )
 
