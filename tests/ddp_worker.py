@@ -126,6 +126,12 @@ def run_accelerate(rank: int, world: int, reselect: bool = False) -> dict:
     )
     out = report(model, trainable, losses, extra)
     accelerator.wait_for_everyone()
+    # Tear the process group down before exit: left to the interpreter's shutdown, gloo's threads
+    # can abort the process ("terminate called without an active exception") after the work is done.
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return out
 
 
