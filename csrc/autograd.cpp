@@ -72,7 +72,7 @@ const c10::TypedOperatorHandle<ConvGradSig>& conv2d_grad_op() {
 // gradient and the weight only for x's, as a generated ATen backward node would: no autograd
 // Function machinery, so the forward costs what the dense layer's does.
 struct LayerBackward : public torch::autograd::Node {
-  torch::autograd::SavedVariable x, weight, index;
+  torch::autograd::SavedVariable x, weight, index, delta;  // delta: read only by a create_graph backward
   std::vector<c10::SymInt> x_sizes;
   std::vector<int64_t> weight_sizes, stride, padding, dilation;
   int64_t groups = 1;
@@ -85,6 +85,64 @@ struct LayerBackward : public torch::autograd::Node {
     x.reset_data();
     weight.reset_data();
     index.reset_data();
+    delta.reset_data();
+  }
+
+  // The weight as a function of delta (its values unchanged: weight + scatter(delta - delta)), so
+  // that a gradient computed from it depends on delta as the merged weight does.
+  at::Tensor weight_of_delta(const at::Tensor& weight_, const at::Tensor& index_) {
+    const at::Tensor d = delta.unpack();
+    if (!d.defined() || !d.requires_grad()) return weight_;
+    return weight_.detach()
+        .reshape({-1})
+        .index_add(0, index_.to(at::kLong), (d - d.detach()).to(weight_.scalar_type()))
+        .view(weight_.sizes());
+  }
+
+  // Under create_graph (grad mode on in the backward: gradient penalties, higher-order grads) the
+  // gradients are built from differentiable dense ops, so that their own gradients are exact: x's
+  // through the weight's dependence on delta, delta's through the dense weight gradient (O(weight)
+  // memory, only on this path). Without it the sampled kernels run (no dense weight gradient).
+  variable_list apply_differentiable(const at::Tensor& grad, const at::Tensor& x_, const at::Tensor& weight_,
+                                     const at::Tensor& index_) {
+    at::Tensor grad_x, grad_bias, grad_delta;
+    const at::Tensor flat = index_.to(at::kLong);
+    if (!conv) {
+      const int64_t out_features = weight_sizes[0], in_features = weight_sizes[1];
+      if (should_compute_output(0)) grad_x = at::matmul(grad, weight_of_delta(weight_, index_).to(grad.scalar_type()));
+      if (should_compute_output(1)) grad_bias = grad.reshape({-1, out_features}).sum(0).to(bias_dtype);
+      if (should_compute_output(2)) {
+        const auto acc = x_.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+        const at::Tensor dense = at::matmul(grad.reshape({-1, out_features}).to(acc).t(),
+                                            x_.reshape({-1, in_features}).to(acc));
+        grad_delta = dense.reshape({-1}).index_select(0, flat).to(delta_dtype);
+      }
+      return {grad_x, grad_bias, grad_delta};
+    }
+    if (should_compute_output(0)) grad_x = conv_input_grad(grad, weight_of_delta(weight_, index_));
+    if (should_compute_output(1)) grad_bias = grad.sum({0, 2, 3}).to(bias_dtype);
+    if (should_compute_output(2)) {
+      const auto acc = x_.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+      const at::Tensor shape_only = at::zeros(weight_sizes, x_.options().dtype(acc));
+      const at::Tensor dense = std::get<1>(at::convolution_backward(
+          grad.to(acc), x_.to(acc), shape_only, c10::nullopt, stride, padding, dilation, false, {0, 0}, groups,
+          {false, true, false}));
+      grad_delta = dense.reshape({-1}).index_select(0, flat).to(delta_dtype);
+    }
+    return {grad_x, grad_bias, grad_delta};
+  }
+
+  // The input gradient as a transposed convolution: convolution_backward could also allocate a
+  // dense weight-gradient tensor.
+  at::Tensor conv_input_grad(const at::Tensor& grad, const at::Tensor& w) {
+    std::vector<c10::SymInt> output_padding;
+    for (int i = 0; i < 2; ++i) {
+      output_padding.push_back(x_sizes[2 + i] - ((grad.sym_size(2 + i) - 1) * stride[i] - 2 * padding[i] +
+                                                 dilation[i] * (weight_sizes[2 + i] - 1) + 1));
+    }
+    return at::conv_transpose2d_symint(grad, w.to(grad.scalar_type()), c10::nullopt, c10::fromIntArrayRefSlow(stride),
+                                       c10::fromIntArrayRefSlow(padding), output_padding, groups,
+                                       c10::fromIntArrayRefSlow(dilation));
   }
 
   variable_list apply(variable_list&& grads) override {
@@ -92,6 +150,7 @@ struct LayerBackward : public torch::autograd::Node {
     at::Tensor grad_x, grad_bias, grad_delta;
     if (!grad.defined()) return {grad_x, grad_bias, grad_delta};
     const at::Tensor x_ = x.unpack(), weight_ = weight.unpack(), index_ = index.unpack();
+    if (at::GradMode::is_enabled()) return apply_differentiable(grad, x_, weight_, index_);
     if (!conv) {
       const int64_t out_features = weight_sizes[0], in_features = weight_sizes[1];
       if (should_compute_output(0)) grad_x = at::matmul(grad, weight_.to(grad.scalar_type()));
@@ -101,18 +160,7 @@ struct LayerBackward : public torch::autograd::Node {
       }
       return {grad_x, grad_bias, grad_delta};
     }
-    if (should_compute_output(0)) {
-      // The input gradient as a transposed convolution: convolution_backward could also allocate a
-      // dense weight-gradient tensor.
-      std::vector<c10::SymInt> output_padding;
-      for (int i = 0; i < 2; ++i) {
-        output_padding.push_back(x_sizes[2 + i] - ((grad.sym_size(2 + i) - 1) * stride[i] - 2 * padding[i] +
-                                                   dilation[i] * (weight_sizes[2 + i] - 1) + 1));
-      }
-      grad_x = at::conv_transpose2d_symint(grad, weight_.to(grad.scalar_type()), c10::nullopt,
-                                           c10::fromIntArrayRefSlow(stride), c10::fromIntArrayRefSlow(padding),
-                                           output_padding, groups, c10::fromIntArrayRefSlow(dilation));
-    }
+    if (should_compute_output(0)) grad_x = conv_input_grad(grad, weight_);
     if (should_compute_output(1)) grad_bias = grad.sum({0, 2, 3}).to(bias_dtype);
     if (should_compute_output(2)) {
       grad_delta =
@@ -135,7 +183,10 @@ at::Tensor with_backward(const at::Tensor& x, const at::Tensor& weight, const at
   if (!torch::autograd::compute_requires_grad(x, bias, delta)) return out;
   auto node = c10::make_intrusive<LayerBackward>();
   node->set_next_edges(torch::autograd::collect_next_edges(x, bias, delta));
-  if (delta.requires_grad()) node->x = torch::autograd::SavedVariable(x, false);
+  if (delta.requires_grad()) {
+    node->x = torch::autograd::SavedVariable(x, false);
+    node->delta = torch::autograd::SavedVariable(delta, false);
+  }
   if (x.requires_grad()) node->weight = torch::autograd::SavedVariable(weight, false);
   node->index = torch::autograd::SavedVariable(index, false);
   node->x_sizes = x.sym_sizes().vec();

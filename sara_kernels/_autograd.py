@@ -187,7 +187,10 @@ def _setup_layer(op: str, ctx, inputs) -> None:
             "freeze the weight (weight.requires_grad_(False)) and train delta"
         )
     need_x, _, need_bias, _, need_delta = ctx.needs_input_grad[:5]
-    ctx.save_for_backward(x if need_delta else None, weight if need_x else None, index)
+    # delta is read only by a create_graph backward (_weight_of_delta).
+    ctx.save_for_backward(
+        x if need_delta else None, weight if need_x else None, index, delta if need_delta else None
+    )
     ctx.x_shape = x.shape
     ctx.weight_shape = weight.shape
     ctx.delta_dtype = delta.dtype
@@ -198,16 +201,33 @@ def linear_setup_context(ctx, inputs, output):
     _setup_layer("sparse_linear", ctx, inputs)
 
 
+def _weight_of_delta(weight, index, delta):
+    """The weight as a function of delta, values unchanged (``weight + scatter(delta - delta)``):
+    under create_graph, a gradient built from it depends on delta as the merged weight does."""
+    if delta is None or not delta.requires_grad:
+        return weight
+    flat = weight.detach().reshape(-1).index_add(0, index.long(), (delta - delta.detach()).to(weight.dtype))
+    return flat.view(weight.shape)
+
+
 def linear_backward(ctx, grad):
-    x, weight, index = ctx.saved_tensors
+    x, weight, index, delta = ctx.saved_tensors
     need_x, _, need_bias, _, need_delta = ctx.needs_input_grad
     out_features, in_features = ctx.weight_shape
+    # Under create_graph the gradients come from differentiable dense ops (exact higher-order
+    # gradients; O(weight) memory on this path only), else from the sampled kernel.
+    differentiable = torch.is_grad_enabled()
     grad_x = grad_bias = grad_delta = None
     if need_x:
-        grad_x = torch.matmul(grad, weight.to(grad.dtype))
+        w = _weight_of_delta(weight, index, delta) if differentiable else weight
+        grad_x = torch.matmul(grad, w.to(grad.dtype))
     if need_bias:
         grad_bias = grad.reshape(-1, out_features).sum(0).to(ctx.bias_dtype)
-    if need_delta:
+    if need_delta and differentiable:
+        acc = reference.accumulate_dtype(grad, x)
+        dense = grad.reshape(-1, out_features).to(acc).t() @ x.reshape(-1, in_features).to(acc)
+        grad_delta = dense.reshape(-1)[index.long()].to(ctx.delta_dtype)
+    elif need_delta:
         grad_delta = torch.ops.sara_kernels.sampled_weight_grad_linear.default(
             grad, x, index, out_features, in_features
         ).to(ctx.delta_dtype)
@@ -244,10 +264,11 @@ def _sampled_conv(dims: int):
 
 def conv_backward(ctx, grad):
     """Backward of a 1-, 2- or 3-D sparse convolution (the dims follow the weight)."""
-    x, weight, index = ctx.saved_tensors
+    x, weight, index, delta = ctx.saved_tensors
     need_x, _, need_bias, _, need_delta = ctx.needs_input_grad[:5]
     stride, padding, dilation, groups = ctx.conv_args
     dims = len(ctx.weight_shape) - 2
+    differentiable = torch.is_grad_enabled()  # create_graph: exact higher-order gradients (dense)
     grad_x = grad_bias = grad_delta = None
     if need_x:
         # The input gradient as a transposed convolution: convolution_backward would also allocate
@@ -262,12 +283,22 @@ def conv_backward(ctx, grad):
             )
             for i in range(dims)
         ]
+        w = _weight_of_delta(weight, index, delta) if differentiable else weight
         grad_x = _CONV_TRANSPOSE[dims](
-            grad, weight.to(grad.dtype), None, stride, padding, output_padding, groups, dilation
+            grad, w.to(grad.dtype), None, stride, padding, output_padding, groups, dilation
         )
     if need_bias:
         grad_bias = grad.sum((0, *range(2, 2 + dims))).to(ctx.bias_dtype)
-    if need_delta:
+    if need_delta and differentiable:
+        acc = reference.accumulate_dtype(grad, x)
+        dense_weight_grad = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight}.get(
+            dims, torch.nn.grad.conv3d_weight
+        )
+        dense = dense_weight_grad(
+            x.to(acc), list(ctx.weight_shape), grad.to(acc), stride, padding, dilation, groups
+        )
+        grad_delta = dense.reshape(-1)[index.long()].to(ctx.delta_dtype)
+    elif need_delta:
         sampled = _sampled_conv(dims)
         grad_delta = sampled(grad, x, index, list(ctx.weight_shape), stride, padding, dilation, groups).to(
             ctx.delta_dtype
@@ -275,11 +306,6 @@ def conv_backward(ctx, grad):
     return grad_x, None, grad_bias, None, grad_delta, None, None, None, None
 
 
-# The registered ops go through torch.library's Python autograd wrapper, the dispatcher and the
-# input checks on every call: ~250 us per forward on a 64x64 Linear (vs 34 us for F.linear, one
-# thread, measured with a timing loop). The sparse-delta layers validated their index and shapes
-# once at construction, so in eager mode they call these autograd Functions instead, with the same
-# setup/backward code; under torch.compile they call the registered ops (traceable, no graph break).
 def autocast_args(tensors: tuple, device_type: str) -> tuple:
     """Cast floating tensors (not fp64) to the autocast dtype when autocast is on, as nn.Linear's
     own computation would be."""

@@ -766,3 +766,48 @@ def test_torch_compile_matches_eager():
     twin(_tokens()).square().mean().backward()
     for (name, a), (_, b) in zip(sk.sparse_layers(model), sk.sparse_layers(twin), strict=True):
         torch.testing.assert_close(a.sparse_delta.grad, b.sparse_delta.grad, msg=name)
+
+
+@pytest.mark.parametrize(
+    "make,shape",
+    [
+        (lambda: torch.nn.Linear(7, 5), (3, 7)),
+        (lambda: torch.nn.Conv1d(4, 6, 3, padding=1), (2, 4, 9)),
+        (lambda: torch.nn.Conv2d(4, 6, 3, stride=2, padding=1), (2, 4, 7, 7)),
+        (lambda: torch.nn.Conv3d(2, 4, (2, 3, 3), padding=(0, 1, 1)), (1, 2, 4, 5, 5)),
+    ],
+    ids=["linear", "conv1d", "conv2d", "conv3d"],
+)
+def test_second_order_gradients_match_the_dense_layer(make, shape):
+    """A gradient penalty (create_graph=True, then a gradient of the gradients) equals the dense
+    layer's whose weight is base + scatter(delta): the penalty reaches delta through the weight
+    and through delta's own gradient, and x through both."""
+    dense = make()
+    layer = sk.apply_sara(torch.nn.Sequential(dense), sk.SaRAConfig(fraction=0.3))[0]
+    assert type(layer).__name__.startswith("SparseDelta")
+    with torch.no_grad():
+        layer.sparse_delta.copy_(_random(layer.sparse_delta.shape, scale=0.1))
+    x = _random(shape).requires_grad_()
+    gx, gd = torch.autograd.grad(layer(x).square().sum(), [x, layer.sparse_delta], create_graph=True)
+    hx, hd = torch.autograd.grad(gx.square().sum() + gd.square().sum(), [x, layer.sparse_delta])
+
+    index = layer.sparse_index.long()
+    base = layer.weight.detach().clone().reshape(-1)
+    base[index] = layer.sparse_base
+    d2 = layer.sparse_delta.detach().clone().requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    weight = base.index_add(0, index, d2).view(layer.weight.shape)
+    bias = layer.bias.detach()
+    forward = {
+        torch.nn.Linear: lambda: F.linear(x2, weight, bias),
+        torch.nn.Conv1d: lambda: F.conv1d(x2, weight, bias, layer.stride, layer.padding),
+        torch.nn.Conv2d: lambda: F.conv2d(x2, weight, bias, layer.stride, layer.padding),
+        torch.nn.Conv3d: lambda: F.conv3d(x2, weight, bias, layer.stride, layer.padding),
+    }[type(dense)]
+    gx2, gw2 = torch.autograd.grad(forward().square().sum(), [x2, weight], create_graph=True)
+    gd2 = gw2.reshape(-1)[index]
+    hx2, hd2 = torch.autograd.grad(gx2.square().sum() + gd2.square().sum(), [x2, d2])
+    torch.testing.assert_close(gd.detach(), gd2.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(hx, hx2, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(hd, hd2, rtol=1e-4, atol=1e-5)
+    assert hd.abs().max() > 0 and hx.abs().max() > 0
