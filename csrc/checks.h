@@ -406,6 +406,15 @@ inline int64_t index_checks() {
   return own >= 0 ? own : settings().index_checks.load(std::memory_order_relaxed);
 }
 
+// The tensors an in-place kernel writes get a new version, as those an ATen in-place op writes do:
+// a graph that saved one before the write then refuses to backward through it (never a gradient
+// computed from values that changed under it).
+inline void bump_versions(std::initializer_list<const at::Tensor*> tensors) {
+  for (const at::Tensor* t : tensors) {
+    if (t->defined()) t->unsafeGetTensorImpl()->bump_version();
+  }
+}
+
 // Record that op ran on backend (1 cpu, 2 cuda; the Python kernels record 3 reference, 4 triton)
 // with variant (1 direct, 2 gemm, 3 tiled; 0 none), for sara_kernels.backends() and the tests. op
 // is the op's name (a string literal): a new op needs no entry anywhere.

@@ -763,3 +763,29 @@ def test_index_checks_can_be_disabled_for_validated_indices():
         sk.sampled_weight_grad_linear(g, x, unsorted, 3, 5)
     with pytest.raises(ValueError, match="strictly increasing"):
         sk.sampled_weight_grad_linear(g, x, unsorted, 3, 5)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_a_step_between_forward_and_backward_is_refused(device, backend):
+    """The in-place ops give what they write a new version, as torch's in-place ops do: a backward
+    through a graph that saved the weight before a step or a merge rewrote it raises, on every
+    backend, instead of computing x's gradient from the new weight."""
+    layer = sara_kernels.SparseDeltaLinear.from_dense(torch.nn.Linear(6, 4, device=device), k=5)
+    optimizer = sara_kernels.SparseAdamW([layer.sparse_delta], lr=0.1)
+    x = _random((3, 6), device=device).requires_grad_()
+    with sara_kernels.use_backend(backend):
+        layer(x).sum().backward()
+        out = layer(x)
+        optimizer.step()  # writes the weight that out's graph saved
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
+        for write in (
+            lambda w: sk.scatter_merge_(
+                w, layer.sparse_index, layer.sparse_base, layer.sparse_delta.detach()
+            ),
+            lambda w: sk.restore_(w, layer.sparse_index, layer.sparse_base),
+        ):
+            version = layer.weight._version
+            with torch.no_grad():
+                write(layer.weight)
+            assert layer.weight._version > version

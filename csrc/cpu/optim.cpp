@@ -141,6 +141,7 @@ void sparse_adamw_cpu(const at::Tensor& weight,      // any shape, fp32/bf16/fp1
   check::step(op, "step", step);
   check::adamw_hyper(op, lr, beta1, beta2, eps, weight_decay);
   check::record("sparse_adamw_", 1);
+  check::bump_versions({&weight, &delta, &exp_avg, &exp_avg_sq});
   const int64_t k = index.numel();
   if (k == 0) return;
   const AdamScalars s = adam_scalars(step, lr, beta1, beta2, eps, weight_decay, maximize);
@@ -183,6 +184,7 @@ void sparse_adamw_multi_cpu(at::TensorList weights, at::TensorList indices, at::
                    exp_avg_sqs[i]);
   }
   check_no_overlap(op, written, read);
+  for (const check::Arg& arg : written) check::bump_versions({arg.t});
   const int64_t total = offsets[n];
   if (total == 0) return;
   at::parallel_for(0, total, kElementwiseGrain, [&](int64_t b, int64_t e) {
@@ -232,6 +234,7 @@ void write_entries(const char* op, const at::Tensor& weight, const at::Tensor& i
   const at::Tensor index = check_index(op, index_in, weight.numel());
   const at::Tensor base = base_in.contiguous();
   check::record(op, 1);
+  check::bump_versions({&weight});
   const int64_t k = index.numel();
   if (k == 0) return;
   AT_DISPATCH_INDEX_TYPES(index.scalar_type(), "sara_kernels_write_entries", [&] {

@@ -280,6 +280,7 @@ void sparse_adamw_cuda(const at::Tensor& weight, const at::Tensor& index_in, con
   check::step(op, "step", step);
   check::adamw_hyper(op, lr, beta1, beta2, eps, weight_decay);
   check::record("sparse_adamw_", 2);
+  check::bump_versions({&weight, &delta, &exp_avg, &exp_avg_sq});
   const c10::cuda::CUDAGuard guard(weight.device());
   const int64_t k = set.index.numel();
   if (k == 0) return;
@@ -385,7 +386,10 @@ void sparse_adamw_multi_cuda(at::TensorList weights, at::TensorList indices, at:
     scalars.push_back(adam_scalars(steps[i], lr, beta1, beta2, eps, weight_decay, maximize));
   }
   check_no_overlap(op, sets, names);
-  for (AdamSet& set : sets) make_readable(set);
+  for (AdamSet& set : sets) {
+    make_readable(set);
+    check::bump_versions({&set.weight, &set.delta, &set.exp_avg, &set.exp_avg_sq});
+  }
   const c10::cuda::CUDAGuard guard(device);
   const IndexCheckMode mode = index_check_mode();
   if (mode == IndexCheckMode::kSync) {
@@ -465,6 +469,7 @@ void scatter_merge_cuda(const at::Tensor& weight, const at::Tensor& index_in, co
   check::index_meta(op, "index", index_in, weight.numel());
   check_cuda(op, "weight", weight);
   check::record("scatter_merge_", 2);
+  check::bump_versions({&weight});
   const c10::cuda::CUDAGuard guard(weight.device());
   const at::Tensor index = index_in.contiguous();
   const int64_t k = index.numel();
@@ -504,6 +509,7 @@ void restore_cuda(const at::Tensor& weight, const at::Tensor& index_in, const at
   check::index_meta(op, "index", index_in, weight.numel());
   check_cuda(op, "weight", weight);
   check::record("restore_", 2);
+  check::bump_versions({&weight});
   const c10::cuda::CUDAGuard guard(weight.device());
   const at::Tensor index = index_in.contiguous();
   const int64_t k = index.numel();

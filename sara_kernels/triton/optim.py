@@ -126,8 +126,15 @@ def _sparse_adamw_kernel(
     tl.store(weight_ptr + idx, _round_to_weight(merged, OUT_BF16, OUT_FP16), mask=inside)
 
 
+def _written(*tensors: torch.Tensor) -> None:
+    """New versions for the tensors a kernel writes, as an in-place torch op gives them (a graph
+    that saved one before refuses to backward through it)."""
+    torch.autograd.graph.increment_version(tensors)
+
+
 def sparse_adamw_(weight, index, base, delta, grad, exp_avg, exp_avg_sq, *, step: float, **hyper) -> None:
     """One AdamW step on the compact fp32 vectors (in place), then weight[index] = base + delta."""
+    _written(weight, delta, exp_avg, exp_avg_sq)
     k = index.numel()
     if k == 0:
         return
@@ -221,6 +228,7 @@ def scatter_merge_(
     weight: torch.Tensor, index: torch.Tensor, base: torch.Tensor, delta: torch.Tensor, alpha: float = 1.0
 ) -> None:
     """weight.view(-1)[index] = base + alpha * delta, in fp32 (fp64 if weight or delta is fp64)."""
+    _written(weight)
     k = index.numel()
     if k == 0:
         return
@@ -259,6 +267,7 @@ def _restore_kernel(weight_ptr, index_ptr, base_ptr, k, numel, BLOCK: tl.constex
 
 def restore_(weight: torch.Tensor, index: torch.Tensor, base: torch.Tensor) -> None:
     """weight.view(-1)[index] = base (same dtype: a pure copy)."""
+    _written(weight)
     k = index.numel()
     if k == 0:
         return
