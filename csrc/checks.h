@@ -17,6 +17,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -300,6 +301,30 @@ inline void no_overlap(const char* op, const std::vector<Arg>& args) {
                     args[best_lo < 0 ? 0 : best_lo].name,
                     " share memory; a tensor the op writes must not overlap any other argument (pass separate "
                     "tensors, e.g. .clone())");
+}
+
+// One AdamW set's tensors in schema order: weight, index, base, delta, grad, exp_avg, exp_avg_sq.
+using AdamTensors = std::array<const at::Tensor*, 7>;
+
+// no_overlap over AdamW sets: the written tensors (weight, delta, moments) of every set first, in
+// argument order, then the read ones (index, base, grad); the first clash named as the validator does.
+inline void adamw_no_overlap(const char* op, const std::vector<AdamTensors>& sets,
+                             const std::vector<const AdamNames*>& names) {
+  std::vector<Arg> args;
+  args.reserve(7 * sets.size());
+  for (const bool written : {true, false}) {
+    for (size_t i = 0; i < sets.size(); ++i) {
+      const AdamTensors& t = sets[i];
+      const AdamNames& n = *names[i];
+      if (written) {
+        args.insert(args.end(), {{n.weight, t[0], true}, {n.delta, t[3], true}, {n.exp_avg, t[5], true},
+                                 {n.exp_avg_sq, t[6], true}});
+      } else {
+        args.insert(args.end(), {{n.index, t[1], false}, {n.base, t[2], false}, {n.grad, t[4], false}});
+      }
+    }
+  }
+  no_overlap(op, args);
 }
 
 // sampled_weight_grad_linear: grad_out [..., out], x [..., in], same leading dims and dtype.

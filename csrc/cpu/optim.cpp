@@ -70,26 +70,6 @@ std::pair<at::Tensor, at::Tensor> check_adamw_tensors(const char* op, const Adam
   return {check_index(op, index, weight.numel(), n.index), base.contiguous()};
 }
 
-// The tensors of AdamW sets in argument order, for check::no_overlap: written weight, delta and
-// moments; read index, base and grad.
-void add_adamw_args(std::vector<check::Arg>& written, std::vector<check::Arg>& read, const AdamNames& n,
-                    const at::Tensor& weight, const at::Tensor& index, const at::Tensor& base,
-                    const at::Tensor& delta, const at::Tensor& grad, const at::Tensor& exp_avg,
-                    const at::Tensor& exp_avg_sq) {
-  written.push_back({n.weight, &weight, true});
-  read.push_back({n.index, &index, false});
-  read.push_back({n.base, &base, false});
-  written.push_back({n.delta, &delta, true});
-  read.push_back({n.grad, &grad, false});
-  written.push_back({n.exp_avg, &exp_avg, true});
-  written.push_back({n.exp_avg_sq, &exp_avg_sq, true});
-}
-
-void check_no_overlap(const char* op, std::vector<check::Arg> written, const std::vector<check::Arg>& read) {
-  written.insert(written.end(), read.begin(), read.end());
-  check::no_overlap(op, written);
-}
-
 // Host scalars in double, as Python computes them, then rounded to fp32 where a tensor op
 // would receive them.
 AdamScalars adam_scalars(double step, double lr, double beta1, double beta2, double eps,
@@ -135,9 +115,7 @@ void sparse_adamw_cpu(const at::Tensor& weight,      // any shape, fp32/bf16/fp1
   constexpr const char* op = "sparse_adamw_";
   const AdamNames names{};
   const auto [index_c, base_c] = check_adamw_tensors(op, names, weight, index, base, delta, grad, exp_avg, exp_avg_sq);
-  std::vector<check::Arg> written, read;
-  add_adamw_args(written, read, names, weight, index, base, delta, grad, exp_avg, exp_avg_sq);
-  check_no_overlap(op, written, read);
+  check::adamw_no_overlap(op, {{&weight, &index, &base, &delta, &grad, &exp_avg, &exp_avg_sq}}, {&names});
   check::step(op, "step", step);
   check::adamw_hyper(op, lr, beta1, beta2, eps, weight_decay);
   check::record("sparse_adamw_", 1);
@@ -166,7 +144,7 @@ void sparse_adamw_multi_cpu(at::TensorList weights, at::TensorList indices, at::
   std::vector<int64_t> offsets(n + 1, 0);
   std::vector<AdamScalars> scalars(n);
   std::vector<const AdamNames*> names(n);
-  std::vector<check::Arg> written, read;
+  std::vector<check::AdamTensors> sets(n);
   std::vector<at::Tensor> index_c(n), base_c(n);
   for (size_t i = 0; i < n; ++i) {
     names[i] = &AdamNames::at(i);
@@ -176,15 +154,12 @@ void sparse_adamw_multi_cpu(at::TensorList weights, at::TensorList indices, at::
                 weights[i].device().str(), " but weights[0] is on ", weights[0].device().str(),
                 "; all tensors must be on one device");
     check::step(op, "steps[" + std::to_string(i) + "]", steps[i]);
+    sets[i] = {&weights[i], &indices[i], &bases[i], &deltas[i], &grads[i], &exp_avgs[i], &exp_avg_sqs[i]};
     offsets[i + 1] = offsets[i] + indices[i].numel();
     scalars[i] = adam_scalars(steps[i], lr, beta1, beta2, eps, weight_decay, maximize);
   }
-  for (size_t i = 0; i < n; ++i) {
-    add_adamw_args(written, read, *names[i], weights[i], indices[i], bases[i], deltas[i], grads[i], exp_avgs[i],
-                   exp_avg_sqs[i]);
-  }
-  check_no_overlap(op, written, read);
-  for (const check::Arg& arg : written) check::bump_versions({arg.t});
+  check::adamw_no_overlap(op, sets, names);
+  for (const check::AdamTensors& t : sets) check::bump_versions({t[0], t[3], t[5], t[6]});
   const int64_t total = offsets[n];
   if (total == 0) return;
   at::parallel_for(0, total, kElementwiseGrain, [&](int64_t b, int64_t e) {

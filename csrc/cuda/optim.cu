@@ -224,26 +224,14 @@ void make_readable(AdamSet& set) {
   set.base = set.base.contiguous();
 }
 
-// The written (weight, delta, moments) and read (index, base, grad) tensors of AdamW sets, for
-// check::no_overlap: written ones first, in argument order.
+// check::adamw_no_overlap over the sets' own arguments.
 void check_no_overlap(const char* op, const std::vector<AdamSet>& sets, const std::vector<const AdamNames*>& names) {
-  std::vector<check::Arg> args;
-  for (size_t i = 0; i < sets.size(); ++i) {
-    const AdamSet& t = sets[i];
-    const AdamNames& n = *names[i];
-    args.push_back({n.weight, &t.weight, true});
-    args.push_back({n.delta, &t.delta, true});
-    args.push_back({n.exp_avg, &t.exp_avg, true});
-    args.push_back({n.exp_avg_sq, &t.exp_avg_sq, true});
+  std::vector<check::AdamTensors> refs;
+  refs.reserve(sets.size());
+  for (const AdamSet& t : sets) {
+    refs.push_back({&t.weight, &t.index, &t.base, &t.delta, &t.grad, &t.exp_avg, &t.exp_avg_sq});
   }
-  for (size_t i = 0; i < sets.size(); ++i) {
-    const AdamSet& t = sets[i];
-    const AdamNames& n = *names[i];
-    args.push_back({n.index, &t.index, false});
-    args.push_back({n.base, &t.base, false});
-    args.push_back({n.grad, &t.grad, false});
-  }
-  check::no_overlap(op, args);
+  check::adamw_no_overlap(op, refs, names);
 }
 
 // Python-float arithmetic (double) as in torch.optim / sara_kernels.reference, then the fp32
